@@ -26,6 +26,7 @@ setuptools.setup(
         "clu>=0.0.10",
         "matplotlib>=3.8",
         "numpy",
+        "pyarrow",  # parquet copies of the public datasets
     ],
     extras_require={
         "test": ["pytest>=8"],

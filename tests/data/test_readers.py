@@ -1,0 +1,399 @@
+"""Readers of the public preference datasets, on hand-written fixtures in the public schemas.
+
+Expected examples are written out by hand from the fixture files (see
+tests/data/fixtures/README.md), not produced by the reader.
+"""
+
+import collections
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+from t5align.data import readers
+from t5align.data.schema import BadRecordError, PreferenceExample
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TLDR_GOOD = os.path.join(FIXTURES, "tldr", "comparisons_good.json")
+TLDR_BAD = os.path.join(FIXTURES, "tldr", "comparisons_bad.json")
+HH_GOOD = os.path.join(FIXTURES, "hh", "helpful-base", "train.jsonl.gz")
+HH_BAD = os.path.join(FIXTURES, "hh", "helpful-base", "bad.jsonl")
+HH_HARMLESS = os.path.join(FIXTURES, "hh", "harmless-base", "test.jsonl")
+ARENA_GOOD = os.path.join(FIXTURES, "arena", "arena_good.jsonl")
+ARENA_BAD = os.path.join(FIXTURES, "arena", "arena_bad.jsonl")
+
+CAT_PROMPT = ("SUBREDDIT: r/pets\nTITLE: My cat ran away, what now?\n"
+              "POST: My cat slipped out last week and has not come back. I put up posters.\nTL;DR:")
+BIKE_PROMPT = ("SUBREDDIT: r/bicycling\nTITLE: First commute by bike [26M]\n"
+               "POST: Rode 12 km to work today.\nLegs are sore but I loved it.\nTL;DR:")
+PLANT_PROMPT = ("SUBREDDIT: r/gardening\nTITLE: Tomatoes split?\n"
+                "POST: My tomatoes keep splitting after rain.\nTL;DR:")
+FISH_PROMPT = "\n\nHuman: What is a good name for a goldfish?\n\nAssistant:"
+BREAD_PROMPT = ("\n\nHuman: Can you help me bake bread?\n\nAssistant: Sure, what kind of bread?"
+                "\n\nHuman: A simple white loaf.\n\nAssistant:")
+CAPITAL_PROMPT = "\n\nHuman: What is the capital of France?\n\nAssistant:"
+
+TLDR_EXPECTED = [
+    PreferenceExample(CAT_PROMPT, "I want my cat back.", "Cat left a week ago, posters are up.",
+                      0.0, "tldr", "human", "tldr:tldr/comparisons_good:1"),
+    PreferenceExample(BIKE_PROMPT, "Biked to work, loved it.", "I rode a bike.",
+                      1.0, "tldr", "human", "tldr:tldr/comparisons_good:2"),
+    # Line 6 is blank; line numbers stay physical.
+    PreferenceExample(PLANT_PROMPT, "Rain makes my tomatoes split, why?", "Tomatoes.",
+                      1.0, "tldr", "human", "tldr:tldr/comparisons_good:7"),
+]
+HH_EXPECTED = [
+    # sha256 bit of the id is 0: chosen first.
+    PreferenceExample(FISH_PROMPT, "Bubbles is a classic name for a goldfish.", "I don't know.",
+                      1.0, "hh_helpful", "human", "hh_helpful:helpful-base/train:1"),
+    # Bit 1: rejected first.
+    PreferenceExample(BREAD_PROMPT, "Buy one at the store.",
+                      "Mix flour, water, salt and yeast, knead, let it rise, then bake.",
+                      0.0, "hh_helpful", "human", "hh_helpful:helpful-base/train:2"),
+    PreferenceExample(CAPITAL_PROMPT, "Paris.", "Lyon, I think.",
+                      1.0, "hh_helpful", "human", "hh_helpful:helpful-base/train:5"),
+]
+ARENA_EXPECTED = [
+    PreferenceExample("What is the capital of France?", "The capital of France is Paris.",
+                      "Paris is in France.", 1.0, "chat_arena", "human",
+                      "chat_arena:58210e39b3fd4441a2bd4a518bb44c2d"),
+    PreferenceExample("Write a haiku about rain.", "Rain on the window",
+                      "Soft rain on the roof\nlistening to the grey sky\nthe garden drinks deep",
+                      0.0, "chat_arena", "human", "chat_arena:2564acd09e3942fd97657d05282d4389"),
+    PreferenceExample("Say hi.", "Hi there!", "hello", 1.0, "chat_arena", "human",
+                      "chat_arena:f1d2c3b4a5964738a1b2c3d4e5f60718"),
+]
+ARENA_TIES = [
+    PreferenceExample("Hola, ¿cómo estás?", "¡Bien, gracias!", "Estoy bien.", 0.5, "chat_arena",
+                      "human", "chat_arena:90bfd142157948aba01931726c888e7f"),
+    PreferenceExample("2+2?", "5", "22", 0.5, "chat_arena", "human",
+                      "chat_arena:a9c9b3e2cd3a4cf3b5e6b3b5ab3fd0a1"),
+]
+
+
+def _lines(path):
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    return f.read().splitlines()
+
+
+def _write(path, lines):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wt", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+def _content(examples):
+  return [(e.prompt, e.response_a, e.response_b, e.label, e.task, e.source) for e in examples]
+
+
+def _winner_first(examples):
+  """Contents with the preferred response first: hh order depends on the file's id."""
+  return _content(e.swapped() if e.label < 0.5 else e for e in examples)
+
+
+def _check_accounting(stats):
+  assert stats.read == (stats.kept + stats.skipped_bad + stats.ties_dropped
+                        + stats.multi_turn_dropped + stats.duplicates_dropped
+                        + sum(stats.dropped.values()))
+
+
+# ------------------------------------------------------------------------- TL;DR
+
+
+def test_tldr_good_records_field_by_field():
+  examples, stats = readers.read_tldr_comparisons(TLDR_GOOD)
+  assert examples == TLDR_EXPECTED
+  assert stats.files == [TLDR_GOOD]
+  assert (stats.read, stats.kept, stats.skipped_bad) == (7, 3, 0)
+  # Line 4 repeats line 1 with the sides swapped and the same preference; line 5
+  # repeats line 2 with the opposite choice.
+  assert (stats.duplicates_dropped, stats.duplicate_label_conflicts) == (2, 1)
+  assert stats.dropped == {"no_post": 1, "identical_responses": 1}
+  _check_accounting(stats)
+
+
+def test_tldr_split_filter():
+  examples, stats = readers.read_tldr_comparisons(TLDR_GOOD, splits={"train"})
+  assert examples == TLDR_EXPECTED[:2]
+  # The CNN/DM item (valid2) and the valid1 item go as other splits first.
+  assert stats.dropped == {"other_split": 2, "identical_responses": 1}
+  _check_accounting(stats)
+  with pytest.raises(TypeError, match="collection"):
+    readers.read_tldr_comparisons(TLDR_GOOD, splits="train")
+
+
+def test_tldr_json_array_and_gzip_read_like_json_lines(tmp_path):
+  records = [json.loads(line) for line in _lines(TLDR_GOOD) if line]
+  array = tmp_path / "tldr" / "array.json"
+  array.parent.mkdir()
+  array.write_text(json.dumps(records, indent=1))
+  examples, stats = readers.read_tldr_comparisons(str(array))
+  assert _content(examples) == _content(TLDR_EXPECTED)
+  # Array elements are numbered from 0 and blank lines do not exist there.
+  assert [e.example_id for e in examples] == ["tldr:tldr/array:0", "tldr:tldr/array:1",
+                                              "tldr:tldr/array:5"]
+  assert stats.read == 7
+
+  gz = _write(str(tmp_path / "tldr" / "comparisons_good.json.gz"), _lines(TLDR_GOOD))
+  examples, _ = readers.read_tldr_comparisons(gz)
+  assert examples == TLDR_EXPECTED  # Same parent/stem, so the same ids.
+
+
+def test_tldr_bad_array_element_and_broken_array(tmp_path):
+  records = [json.loads(line) for line in _lines(TLDR_GOOD)[:2]]
+  records.append({**records[0], "choice": 7})
+  path = tmp_path / "array.json"
+  path.write_text(json.dumps(records))
+  with pytest.raises(BadRecordError, match=r"array\.json: record element 2: field 'choice'"):
+    readers.read_tldr_comparisons(str(path))
+  examples, stats = readers.read_tldr_comparisons(str(path), skip_bad=True)
+  assert len(examples) == 2 and stats.bad_reasons == {"bad_choice": 1}
+
+  path.write_text(json.dumps(records)[:-5])
+  # A broken array cannot be skipped record by record.
+  with pytest.raises(BadRecordError, match=r"array\.json: record line 1: field '<json>'"):
+    readers.read_tldr_comparisons(str(path), skip_bad=True)
+
+
+# ------------------------------------------------------------------------- hh-rlhf
+
+
+def test_hh_good_records_field_by_field():
+  examples, stats = readers.read_hh(HH_GOOD, subset="helpful-base")
+  assert examples == HH_EXPECTED
+  assert (stats.read, stats.kept, stats.duplicates_dropped) == (5, 3, 1)
+  assert stats.dropped == {"identical_responses": 1}
+  _check_accounting(stats)
+
+
+def test_hh_order_follows_documented_hash():
+  # Independent restatement of the documented rule: bit 0 of sha256(id)[0] == 1 -> rejected first.
+  chosen = {1: "Bubbles is a classic name for a goldfish.",
+            2: "Mix flour, water, salt and yeast, knead, let it rise, then bake.", 5: "Paris."}
+  for example in readers.read_hh(HH_GOOD, subset="helpful-base")[0]:
+    line = int(example.example_id.rsplit(":", 1)[1])
+    rejected_first = hashlib.sha256(example.example_id.encode()).digest()[0] & 1
+    assert example.label == (0.0 if rejected_first else 1.0)
+    winner = example.response_a if example.label == 1.0 else example.response_b
+    assert winner == chosen[line]
+
+
+def test_hh_labels_balanced_and_winner_is_chosen(tmp_path):
+  n = 400
+  lines = [json.dumps({"chosen": f"\n\nHuman: q{i}?\n\nAssistant: good {i}",
+                       "rejected": f"\n\nHuman: q{i}?\n\nAssistant: bad {i}"}) for i in range(n)]
+  path = _write(str(tmp_path / "helpful-base" / "train.jsonl"), lines)
+  examples, _ = readers.read_hh(path, subset="helpful-base")
+  assert len(examples) == n
+  for e in examples:
+    winner, loser = (e.response_a, e.response_b) if e.label == 1.0 else (e.response_b, e.response_a)
+    assert winner.startswith("good ") and loser.startswith("bad ")
+  # Binomial(400, 1/2) has sd 10: 0.4..0.6 is 4 sd either side.
+  assert 0.4 < sum(e.label for e in examples) / n < 0.6
+  assert readers.read_hh(path, subset="helpful-base")[0] == examples
+
+
+def test_hh_harmless_via_readers_table():
+  examples, stats = readers.READERS["hh_harmless"](HH_HARMLESS, skip_bad=False)
+  assert [e.task for e in examples] == ["hh_harmless"] * 2
+  assert [e.example_id for e in examples] == ["hh_harmless:harmless-base/test:1",
+                                              "hh_harmless:harmless-base/test:2"]
+  assert examples[0].prompt == "\n\nHuman: How do I sharpen a kitchen knife?\n\nAssistant:"
+  assert stats.kept == 2
+  with pytest.raises(ValueError, match="subset"):
+    readers.read_hh(HH_HARMLESS, subset="red-team-attempts")
+
+
+# ------------------------------------------------------------------------- Chatbot Arena
+
+
+def test_arena_good_records_field_by_field():
+  examples, stats = readers.read_chatbot_arena(ARENA_GOOD)
+  assert examples == ARENA_EXPECTED
+  assert (stats.read, stats.kept, stats.ties_dropped, stats.multi_turn_dropped,
+          stats.duplicates_dropped, stats.duplicate_label_conflicts) == (7, 3, 2, 1, 1, 0)
+  assert not stats.dropped
+  _check_accounting(stats)
+
+
+def test_arena_keep_ties_and_multi_turn_rule():
+  examples, stats = readers.read_chatbot_arena(ARENA_GOOD, keep_ties=True)
+  assert examples == ARENA_EXPECTED[:2] + ARENA_TIES + ARENA_EXPECTED[2:]
+  assert (stats.ties_dropped, stats.multi_turn_dropped) == (0, 1)
+  # The two-turn battle is dropped whatever its winner, never cut to its first turn.
+  assert "chat_arena:c5e2b6a1b7f34b0e9f3ad86b2a5d7e10" not in {e.example_id for e in examples}
+  assert not any(e.prompt == "Name a fruit." for e in examples)
+
+
+def test_arena_parquet_reads_like_json_lines(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  rows = [json.loads(line) for line in _lines(ARENA_GOOD)]
+  path = str(tmp_path / "data" / "train-00000-of-00001.parquet")
+  os.makedirs(os.path.dirname(path))
+  pq.write_table(pa.Table.from_pylist(rows), path)
+  examples, stats = readers.read_chatbot_arena(path)
+  assert examples == ARENA_EXPECTED
+  assert stats.read == 7
+
+  bad = dict(rows[0], question_id="ffff", winner="model_c")
+  pq.write_table(pa.Table.from_pylist(rows + [bad]), path)
+  with pytest.raises(BadRecordError, match=r"train-00000-of-00001\.parquet: record row 7: "
+                                           r"field 'winner': unknown winner 'model_c'"):
+    readers.read_chatbot_arena(path)
+
+
+def test_arena_question_id_reused_for_another_pair(tmp_path):
+  rows = [json.loads(line) for line in _lines(ARENA_GOOD)]
+  clash = json.loads(json.dumps(rows[6]))
+  clash["question_id"] = rows[0]["question_id"]
+  path = _write(str(tmp_path / "clash.jsonl"), [json.dumps(rows[0]), json.dumps(clash)])
+  with pytest.raises(BadRecordError, match=r"clash\.jsonl: record line 2: field 'question_id'"):
+    readers.read_chatbot_arena(path)
+  # The same battle in two files is a duplicate, not a clash.
+  examples, stats = readers.read_chatbot_arena([ARENA_GOOD, _write(str(tmp_path / "copy.jsonl"),
+                                                                   _lines(ARENA_GOOD))])
+  assert examples == ARENA_EXPECTED and stats.duplicates_dropped == 1 + 4
+
+
+# ------------------------------------------------------------------------- bad records
+
+TLDR_BAD_CASES = [
+    (1, "<json>", "malformed_json"), (2, "<record>", "not_an_object"),
+    (3, "summaries", "missing_field"), (4, "choice", "bad_choice"), (5, "choice", "wrong_type"),
+    (6, "summaries", "bad_summaries"), (7, "summaries[1].text", "empty_response"),
+    (8, "info.post", "missing_field"), (9, "info.title", "wrong_type"),
+    (10, "summaries[0].text", "missing_field"),
+]
+HH_BAD_CASES = [
+    (1, "<json>", "malformed_json"), (2, "rejected", "missing_field"), (3, "chosen", "wrong_type"),
+    (4, "rejected", "no_assistant_turn"), (5, "chosen", "empty_response"),
+    (6, "rejected", "prompt_mismatch"),
+]
+ARENA_BAD_CASES = [
+    (1, "<json>", "malformed_json"), (2, "winner", "unknown_winner"),
+    (3, "conversation_b", "missing_field"), (4, "turn", "wrong_type"),
+    (5, "conversation_b", "prompt_mismatch"), (6, "conversation_a[1].content", "empty_response"),
+    (7, "conversation_a[0].role", "bad_conversation"), (8, "conversation_a", "bad_conversation"),
+    (9, "question_id", "missing_field"),
+]
+READ = {
+    "tldr": readers.read_tldr_comparisons,
+    "hh": lambda paths, **kw: readers.read_hh(paths, subset="helpful-base", **kw),
+    "arena": readers.read_chatbot_arena,
+}
+CASES = ([("tldr", TLDR_GOOD, TLDR_BAD, ".json") + c for c in TLDR_BAD_CASES]
+         + [("hh", HH_GOOD, HH_BAD, ".jsonl") + c for c in HH_BAD_CASES]
+         + [("arena", ARENA_GOOD, ARENA_BAD, ".jsonl") + c for c in ARENA_BAD_CASES])
+
+
+@pytest.mark.parametrize("kind, good, bad, suffix, line, field, reason", CASES,
+                         ids=[f"{c[0]}-{c[4]}-{c[6]}" for c in CASES])
+def test_bad_record_names_file_line_and_field(kind, good, bad, suffix, line, field, reason,
+                                              tmp_path):
+  good_lines = _lines(good)
+  path = _write(str(tmp_path / "mixed" / f"after_good{suffix}"),
+                good_lines + [_lines(bad)[line - 1]])
+  bad_line = len(good_lines) + 1
+  with pytest.raises(BadRecordError) as info:
+    READ[kind](path)
+  message = str(info.value)
+  assert "after_good" + suffix in message
+  assert f"line {bad_line}:" in message
+  assert f"field {field!r}" in message
+  assert (info.value.record, info.value.field) == (f"line {bad_line}", field)
+
+  examples, stats = READ[kind](path, skip_bad=True)
+  assert _winner_first(examples) == _winner_first(READ[kind](good)[0])
+  assert stats.skipped_bad == 1 and stats.bad_reasons == {reason: 1}
+  assert stats.first_bad == message
+
+
+@pytest.mark.parametrize("kind, bad, cases", [("tldr", TLDR_BAD, TLDR_BAD_CASES),
+                                              ("hh", HH_BAD, HH_BAD_CASES),
+                                              ("arena", ARENA_BAD, ARENA_BAD_CASES)])
+def test_skip_bad_counts_and_warns_once(kind, bad, cases, caplog):
+  with pytest.raises(BadRecordError, match="line 1: field '<json>'"):
+    READ[kind](bad)
+  with caplog.at_level(logging.WARNING, logger=readers.__name__):
+    examples, stats = READ[kind](bad, skip_bad=True)
+  assert examples == []
+  assert stats.read == stats.skipped_bad == len(cases)
+  assert stats.bad_reasons == collections.Counter(reason for _, _, reason in cases)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "\n" not in warnings[0]
+  assert f"skipped {len(cases)} bad record(s)" in warnings[0]
+  assert os.path.basename(bad) + ": record line 1" in warnings[0]
+  assert f"{len(cases)} bad skipped" in stats.summary()
+
+
+# ------------------------------------------------------------------------- paths and files
+
+
+def test_glob_and_list_paths_and_same_file_once():
+  pattern = os.path.join(FIXTURES, "hh", "*", "t*.jsonl*")
+  examples, stats = readers.READERS["hh_helpful"](pattern, skip_bad=False)
+  assert stats.files == [HH_HARMLESS, HH_GOOD]  # Sorted glob order.
+  assert [e.example_id for e in examples] == [
+      "hh_helpful:harmless-base/test:1", "hh_helpful:harmless-base/test:2",
+      "hh_helpful:helpful-base/train:1", "hh_helpful:helpful-base/train:2",
+      "hh_helpful:helpful-base/train:5"]
+
+  recursive = os.path.join(FIXTURES, "**", "t*.jsonl*")
+  assert readers.READERS["hh_helpful"](recursive, skip_bad=False)[0] == examples
+
+  examples, stats = readers.read_hh([HH_GOOD, HH_HARMLESS, pattern], subset="helpful-base")
+  assert stats.files == [HH_GOOD, HH_HARMLESS]  # Given order; each file once.
+  assert examples[:3] == HH_EXPECTED and stats.duplicates_dropped == 1
+
+
+def test_same_stem_in_two_directories_is_refused(tmp_path):
+  copy = tmp_path / "tldr" / "comparisons_good.json"
+  copy.parent.mkdir()
+  shutil.copy(TLDR_GOOD, copy)
+  with pytest.raises(ValueError, match="same example ids"):
+    readers.read_tldr_comparisons([TLDR_GOOD, str(copy)])
+  other = tmp_path / "other" / "comparisons_good.json"
+  other.parent.mkdir()
+  shutil.copy(TLDR_GOOD, other)
+  examples, stats = readers.read_tldr_comparisons([TLDR_GOOD, str(other)])
+  # The copy's five kept-or-duplicate Reddit lines all repeat the first file's pairs.
+  assert examples == TLDR_EXPECTED
+  assert (stats.duplicates_dropped, stats.duplicate_label_conflicts) == (2 + 5, 1 + 1)
+
+
+def test_missing_unsupported_and_corrupt_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no files match"):
+    readers.read_chatbot_arena(str(tmp_path / "*.parquet"))
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    readers.read_chatbot_arena(str(tmp_path / "absent.jsonl"))
+  csv = tmp_path / "arena.csv"
+  csv.write_text("question_id,winner\n")
+  with pytest.raises(ValueError, match=r"arena\.csv: unsupported file type"):
+    readers.read_chatbot_arena(str(csv))
+  broken = tmp_path / "train.jsonl.gz"
+  broken.write_bytes(gzip.compress(b'{"chosen": "x"}\n' * 50)[:40])
+  with pytest.raises(ValueError, match=r"train\.jsonl\.gz: cannot decompress"):
+    readers.read_hh(str(broken), subset="helpful-base", skip_bad=True)
+
+
+def test_readers_table_and_summary():
+  assert set(readers.READERS) == {"tldr", "hh_helpful", "hh_harmless", "chat_arena"}
+  paths = {"tldr": TLDR_GOOD, "hh_helpful": HH_GOOD, "hh_harmless": HH_HARMLESS,
+           "chat_arena": ARENA_GOOD}
+  for task, reader in readers.READERS.items():
+    examples, stats = reader(paths[task], skip_bad=True)
+    assert stats.task == task and {e.task for e in examples} == {task}
+    assert {e.source for e in examples} == {"human"} and {e.step for e in examples} == {-1}
+    assert len({e.example_id for e in examples}) == len(examples)
+  _, stats = readers.read_chatbot_arena(ARENA_GOOD)
+  assert stats.summary() == (
+      "chat_arena: 1 file(s), 7 records read, 3 kept; 2 ties dropped; "
+      "1 multi-turn dropped; 1 duplicates dropped (0 with a conflicting label)")
