@@ -2,7 +2,7 @@
 
 The pairwise model reads one serialised sequence
 
-    <prompt tokens> <MARKER_1> <response-1 tokens> <MARKER_2> <response-2 tokens> EOS
+    <prompt> <MARKER_1> <response 1> <MARKER_2> <response 2> <SUFFIX> EOS
 
 (the markers are token-id sequences of fixed words, see ``PairFormat``) and
 runs a single decoder step from the start token. Its score is the logit
@@ -32,30 +32,16 @@ class PairFormat:
   """Token ids that frame a serialised pair, and the two answer tokens.
 
   ``response_1_marker`` / ``response_2_marker`` are inserted before each
-  response; ``first_token`` / ``second_token`` are the ids whose logits at the
-  first decoder step score "response 1 is better" vs "response 2 is better".
-  Build one from a vocabulary with ``PairFormat.from_vocabulary``.
+  response and ``suffix`` (e.g. a question) after the second; ``first_token``
+  / ``second_token`` are the ids whose logits at the first decoder step score
+  "response 1 is better" vs "response 2 is better". ``t5align.data.tasks``
+  builds the format from a vocabulary; its text form is ``tasks.serialize_pair``.
   """
   response_1_marker: tuple[int, ...]
   response_2_marker: tuple[int, ...]
   first_token: int
   second_token: int
-
-  @classmethod
-  def from_vocabulary(cls, vocabulary, *, marker_1: str = "Response 1:",
-                      marker_2: str = "Response 2:", first: str = "1",
-                      second: str = "2") -> "PairFormat":
-    """Tokenises the markers and answer words with ``vocabulary.encode``."""
-    first_ids, second_ids = vocabulary.encode(first), vocabulary.encode(second)
-    for word, ids in ((first, first_ids), (second, second_ids)):
-      if len(ids) != 1:
-        raise ValueError(f"answer word {word!r} must be a single token in the vocabulary, "
-                         f"got ids {list(ids)}")
-    if first_ids[0] == second_ids[0]:
-      raise ValueError(f"answer words {first!r} and {second!r} map to the same token id")
-    return cls(tuple(int(i) for i in vocabulary.encode(marker_1)),
-               tuple(int(i) for i in vocabulary.encode(marker_2)),
-               int(first_ids[0]), int(second_ids[0]))
+  suffix: tuple[int, ...] = ()
 
 
 def _lengths(tokens: Array) -> Array:
@@ -78,7 +64,8 @@ def serialize_pair(prompt: Array, response_1: Array, response_2: Array, fmt: Pai
     -> 9 - 3 (markers, EOS) - 1 - 2 = 3 prompt tokens fit:
        [6, 7, 8, 90, 20, 91, 30, 31, 1]
   """
-  fixed = len(fmt.response_1_marker) + len(fmt.response_2_marker) + 1  # markers + EOS
+  fixed = (len(fmt.response_1_marker) + len(fmt.response_2_marker) + len(fmt.suffix)
+           + 1)  # markers, suffix and EOS
   if response_1.shape[1] + response_2.shape[1] + fixed > max_length:
     raise ValueError(
         f"two responses of up to {response_1.shape[1]} and {response_2.shape[1]} tokens plus "
@@ -102,6 +89,9 @@ def serialize_pair(prompt: Array, response_1: Array, response_2: Array, fmt: Pai
       tokens, count = constant(marker)
       segments.append((tokens, count, 0))
     segments.append((response, n, 0))
+  if fmt.suffix:
+    tokens, count = constant(fmt.suffix)
+    segments.append((tokens, count, 0))
 
   pos = jnp.arange(max_length)[None, :]  # [1, L]
   out = jnp.zeros((batch, max_length), jnp.int32)
@@ -119,7 +109,7 @@ def serialize_pair(prompt: Array, response_1: Array, response_2: Array, fmt: Pai
 def serialize_single(prompt: Array, response: Array, fmt: PairFormat, max_length: int) -> Array:
   """Input of the pointwise reward model: prompt, marker 1, response, EOS."""
   empty = jnp.zeros((response.shape[0], 1), jnp.int32)
-  no_marker = dataclasses.replace(fmt, response_2_marker=())
+  no_marker = dataclasses.replace(fmt, response_2_marker=(), suffix=())
   return serialize_pair(prompt, response, empty, no_marker, max_length)
 
 

@@ -40,22 +40,12 @@ def test_serialize_single():
   np.testing.assert_array_equal(np.asarray(out), [[5, 6, 90, 92, 20, 21, 1, 0]])
 
 
-class _Vocab:
-  def __init__(self, table):
-    self.table = table
-
-  def encode(self, text):
-    return self.table[text]
-
-
-def test_pair_format_from_vocabulary_checks_single_token_answers():
-  vocab = _Vocab({"Response 1:": [7, 8], "Response 2:": [7, 9], "1": [3], "2": [4], "12": [3, 4]})
-  fmt = pm.PairFormat.from_vocabulary(vocab)
-  assert fmt == pm.PairFormat((7, 8), (7, 9), 3, 4)
-  with pytest.raises(ValueError, match="single token"):
-    pm.PairFormat.from_vocabulary(vocab, first="12")
-  with pytest.raises(ValueError, match="same token"):
-    pm.PairFormat.from_vocabulary(vocab, second="1")
+def test_suffix_goes_after_the_second_response():
+  fmt = pm.PairFormat((90,), (91,), 3, 4, suffix=(95, 96))
+  out = pm.serialize_pair(jnp.array([[5, 6, 1]]), jnp.array([[20, 1]]), jnp.array([[30, 1]]),
+                          fmt, 9)
+  # 9 - (1 + 1 + 2 + 1) - 1 - 1 = 2 prompt tokens fit.
+  np.testing.assert_array_equal(np.asarray(out), [[5, 6, 90, 20, 91, 30, 95, 96, 1]])
 
 
 def test_pair_score_is_first_step_logit_difference():

@@ -1,0 +1,488 @@
+"""The study's stages: plain functions with keyword-only arguments, bound by gin.
+
+``sft``, ``preference`` and ``align`` train on the one loop
+(``t5align.train.loop.train``) with sharded, jitted steps from
+``t5align.train.steps``; ``relabel`` and ``sample`` run a trained model over a
+dataset. Every stage writes into its own run directory, and a training stage
+restarted on its directory resumes where it stopped.
+
+Datasets are files of preference examples (``t5align.data.writers``); models
+start from random parameters, from a t5align checkpoint directory, or from an
+imported Hugging Face / T5X checkpoint (``init_checkpoint``).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5align import partitioning
+from t5align.data import schema
+from t5align.data import tasks
+from t5align.data import vocab as vocab_lib
+from t5align.data import writers
+from t5align.models import preference as preference_model
+from t5align.models import t5
+from t5align.train import checkpoints
+from t5align.train import loop
+from t5align.train import metrics as metrics_lib
+from t5align.train import optimizers
+from t5align.train import pair_sources
+from t5align.train import state as state_lib
+from t5align.train import steps
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioning:
+  """Mesh shape and logical-axis rule set (see ``t5align.partitioning``)."""
+  rules: str = "data_parallel"
+  data: int = -1
+  model: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """Arguments of ``optimizers.make_optimizer``."""
+  name: str = "adafactor"
+  learning_rate: float = 1e-4
+  warmup_steps: int = 0
+  decay: str = "constant"
+  weight_decay: float = 0.0
+  grad_accum_steps: int = 1
+
+  def build(self, total_steps: int):
+    return optimizers.make_optimizer(
+        name=self.name, learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+        decay=self.decay, total_steps=total_steps, weight_decay=self.weight_decay,
+        grad_accum_steps=self.grad_accum_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+  every_steps: int = 200
+  keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureLengths:
+  """Token lengths: encoder inputs (prompts and PM inputs) and targets (responses)."""
+  inputs: int = 1024
+  targets: int = 128
+
+  def as_dict(self) -> dict:
+    return {tasks.INPUTS: self.inputs, tasks.TARGETS: self.targets}
+
+
+def _say(message: str) -> None:
+  print(f"[t5align] {message}", flush=True)
+
+
+def load_params(path: str, config: t5.T5Config):
+  """Parameters from a t5align run/checkpoint directory, or an imported HF / T5X checkpoint."""
+  path = os.path.abspath(path)
+  candidates = [path, os.path.join(path, CHECKPOINT_SUBDIR)]
+  for candidate in candidates:
+    if os.path.isdir(candidate) and (checkpoints.list_steps(candidate)
+                                     or os.path.isdir(os.path.join(candidate, checkpoints.STATE))):
+      params = checkpoints.load_params(candidate)
+      break
+  else:
+    from t5align.models import load as load_lib  # HF / T5X readers
+    loaded_config, params = load_lib.load_pretrained(path)
+    for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                  "num_encoder_layers", "num_decoder_layers"):
+      if getattr(loaded_config, field) != getattr(config, field):
+        raise ValueError(f"checkpoint {path} has {field}={getattr(loaded_config, field)} but the "
+                         f"configured model has {field}={getattr(config, field)}")
+  want = t5.abstract_params(config)
+  problems = []
+  jax.tree_util.tree_map_with_path(
+      lambda p, w, g: problems.append(jax.tree_util.keystr(p))
+      if tuple(w.shape) != tuple(np.shape(g)) else None, want, params)
+  if problems:
+    raise ValueError(f"checkpoint {path}: parameter shapes differ from the configured model at "
+                     f"{problems[:5]}")
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+class _Runtime:
+  """Mesh, rules and the sharded train state of one training stage."""
+
+  def __init__(self, config: t5.T5Config, part: Partitioning, batch_size: int):
+    self.config = config
+    self.mesh = partitioning.make_mesh(data=part.data, model=part.model)
+    self.rules = partitioning.get_rules(part.rules)
+    partitioning.validate_batch_size(batch_size, self.mesh)
+    self.param_shardings = partitioning.param_shardings(config, self.mesh, self.rules)
+
+  def place_params(self, params):
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), params,
+                        self.param_shardings)
+
+  def state_fns(self, params_fn, tx, seed: int):
+    """(init_state, abstract_state, state shardings) with optimizer slots placed by XLA."""
+
+    def create(params):
+      return state_lib.TrainState.create(params=params, tx=tx, rng=jax.random.key(seed))
+
+    create_jit = partitioning.jit_sharded(create, mesh=self.mesh, rules=self.rules,
+                                          in_shardings=(self.param_shardings,),
+                                          out_shardings=None)
+    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   t5.abstract_params(self.config), self.param_shardings)
+    with jax.set_mesh(self.mesh):
+      compiled = jax.jit(create, in_shardings=(self.param_shardings,)).lower(
+          abstract_params).compile()
+    shardings = compiled.output_shardings
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(create, abstract_params), shardings)
+    return (lambda: create_jit(self.place_params(params_fn()))), abstract, shardings
+
+  def jit_step(self, step_fn, state_shardings):
+    return partitioning.jit_sharded(step_fn, mesh=self.mesh, rules=self.rules,
+                                    in_shardings=(state_shardings, None),
+                                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+class _ShardedSource:
+  """Moves a source's numpy batches onto the mesh (rows over 'data')."""
+
+  def __init__(self, source, mesh):
+    self.source, self.mesh = source, mesh
+
+  def next_batch(self, state):
+    return partitioning.shard_batch(self.source.next_batch(state), self.mesh)
+
+  def get_state(self):
+    return self.source.get_state()
+
+  def set_state(self, data_state):
+    self.source.set_state(data_state)
+
+  def on_restore(self, step):
+    self.source.on_restore(step)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _run(*, run_dir: str, config: t5.T5Config, part: Partitioning, batch_size: int,
+         train_steps: int, optimizer: Optimizer, ckpt: Checkpointing, seed: int, params_fn,
+         make_step, source) -> Any:
+  """Shared plumbing of the training stages: mesh, state, loop, checkpoints, metrics."""
+  os.makedirs(run_dir, exist_ok=True)
+  runtime = _Runtime(config, part, batch_size)
+  tx = optimizer.build(train_steps)
+  init_state, abstract_state, shardings = runtime.state_fns(params_fn, tx, seed)
+  step_fn = runtime.jit_step(make_step(tx), shardings)
+  checkpointer = checkpoints.Checkpointer(os.path.join(run_dir, CHECKPOINT_SUBDIR), keep=ckpt.keep,
+                                          save_interval_steps=ckpt.every_steps)
+  writer = metrics_lib.MetricsWriter(run_dir)
+  try:
+    return loop.train(run_dir=run_dir, total_steps=train_steps, init_state=init_state,
+                      abstract_state=abstract_state, step_fn=step_fn,
+                      data=_ShardedSource(source, runtime.mesh), checkpointer=checkpointer,
+                      metrics=writer)
+  finally:
+    checkpointer.close()
+    writer.close()
+
+
+def _params_fn(config: t5.T5Config, init_checkpoint: Optional[str], seed: int):
+  if init_checkpoint:
+    return lambda: load_params(init_checkpoint, config)
+  return lambda: t5.init_params(config, jax.random.key(seed))
+
+
+def _tokenized(path: str, vocabulary, lengths: FeatureLengths) -> dict:
+  examples = writers.read_examples(path)
+  if not examples:
+    raise ValueError(f"{path}: the dataset is empty")
+  return tasks.tokenize_examples(examples, vocabulary, lengths.as_dict())
+
+
+class _Batches:
+  """Epochs over fixed arrays, reshuffled per epoch with (seed, epoch)."""
+
+  def __init__(self, arrays: dict, *, batch_size: int, seed: int):
+    self._arrays, self._batch_size, self._seed = arrays, batch_size, seed
+    self._n = len(next(iter(arrays.values())))
+    if self._n < batch_size:
+      raise ValueError(f"dataset has {self._n} rows, fewer than one batch of {batch_size}")
+    self._epoch, self._index = 0, 0
+
+  def next_batch(self, state):
+    del state
+    if self._index + self._batch_size > self._n:
+      self._epoch, self._index = self._epoch + 1, 0
+    order = np.random.default_rng([self._seed, self._epoch]).permutation(self._n)
+    rows = order[self._index:self._index + self._batch_size]
+    self._index += self._batch_size
+    return {k: v[rows] for k, v in self._arrays.items()}
+
+  def get_state(self):
+    return {"epoch": self._epoch, "index": self._index}
+
+  def set_state(self, data_state):
+    self._epoch, self._index = int(data_state["epoch"]), int(data_state["index"])
+
+  def on_restore(self, step):
+    del step
+
+
+def sft(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size: int,
+        train_steps: int, vocabulary_path: Optional[str] = None,
+        feature_lengths: FeatureLengths = FeatureLengths(),
+        optimizer: Optimizer = Optimizer(learning_rate=3e-5),
+        checkpointing: Checkpointing = Checkpointing(),
+        partitioning_config: Partitioning = Partitioning(), init_checkpoint: Optional[str] = None,
+        z_loss: float = 1e-4, seed: int = 0):
+  """Supervised fine-tuning on BOTH responses of every pair (the paper's SFT set)."""
+  vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
+  arrays = _tokenized(train_data, vocabulary, feature_lengths)
+  data = {"inputs": np.concatenate([arrays["prompt"], arrays["prompt"]]),
+          "targets": np.concatenate([arrays["response_a"], arrays["response_b"]])}
+  _say(f"sft: {len(data['inputs'])} targets from {train_data}")
+  return _run(run_dir=run_dir, config=model_config, part=partitioning_config,
+              batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
+              ckpt=checkpointing, seed=seed,
+              params_fn=_params_fn(model_config, init_checkpoint, seed),
+              make_step=lambda tx: steps.make_sft_step(model_config, tx, z_loss=z_loss),
+              source=_Batches(data, batch_size=batch_size, seed=seed))
+
+
+def pair_format(vocabulary, lengths: FeatureLengths) -> preference_model.PairFormat:
+  layout = tasks.pair_format(vocabulary, lengths.as_dict())
+  return preference_model.PairFormat(layout.response_1_marker, layout.response_2_marker,
+                               layout.target_1_id, layout.target_2_id, suffix=layout.question)
+
+
+def _ordered(arrays: dict) -> dict:
+  return pair_sources.order_pairs(arrays["prompt"], arrays["response_a"], arrays["response_b"],
+                                  arrays["label"])
+
+
+def preference_accuracy(params, config: t5.T5Config, fmt: preference_model.PairFormat, pairs: dict, *,
+                        pm_input_length: int, batch_size: int) -> float:
+  """Decision-rule accuracy of a PM on (chosen, rejected, label) pairs."""
+  margins = preference_margins(params, config, fmt, pairs["prompt"], pairs["chosen"],
+                               pairs["rejected"], pm_input_length=pm_input_length,
+                               batch_size=batch_size)
+  predicted = np.asarray(preference_model.decide(jnp.asarray(margins)))
+  return float(np.mean(np.asarray(preference_model.agreement(predicted, pairs["label"]))))
+
+
+def preference_margins(params, config, fmt, prompt, response_1, response_2, *, pm_input_length,
+                       batch_size) -> np.ndarray:
+  """Decision-rule margins r(x,y1,y2) - r(x,y2,y1) for every row, in fixed-shape batches."""
+  fn = jax.jit(lambda p, x, a, b: preference_model.symmetric_preference(
+      p, config, fmt, x, a, b, pm_input_length)["margin"])
+  n, out = len(prompt), []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n
+    out.append(np.asarray(fn(params, prompt[idx], response_1[idx], response_2[idx]))[
+        : min(batch_size, n - start)])
+  return np.concatenate(out)
+
+
+def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size: int,
+               train_steps: int, validation_data: Optional[str] = None,
+               vocabulary_path: Optional[str] = None,
+               feature_lengths: FeatureLengths = FeatureLengths(),
+               optimizer: Optimizer = Optimizer(learning_rate=1e-4, warmup_steps=1000),
+               checkpointing: Checkpointing = Checkpointing(),
+               partitioning_config: Partitioning = Partitioning(),
+               init_checkpoint: Optional[str] = None, seed: int = 0):
+  """Pairwise preference model (golden or proxy) with random order swapping.
+
+  After training, every checkpoint is scored on the validation set with the
+  decision rule and ``best_checkpoint.json`` names the most accurate one (the
+  paper stops at the validation plateau).
+  """
+  vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
+  fmt = pair_format(vocabulary, feature_lengths)
+  pairs = _ordered(_tokenized(train_data, vocabulary, feature_lengths))
+  _say(f"preference: {len(pairs['prompt'])} pairs from {train_data}")
+  source = _Batches({k: pairs[k] for k in ("prompt", "chosen", "rejected", "label")},
+                    batch_size=batch_size, seed=seed)
+  state = _run(run_dir=run_dir, config=model_config, part=partitioning_config,
+               batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
+               ckpt=checkpointing, seed=seed,
+               params_fn=_params_fn(model_config, init_checkpoint, seed),
+               make_step=lambda tx: steps.make_preference_step(
+                   model_config, tx, fmt, max_input_length=feature_lengths.inputs),
+               source=source)
+  if validation_data:
+    val = _ordered(_tokenized(validation_data, vocabulary, feature_lengths))
+    ckpt_dir = os.path.join(run_dir, CHECKPOINT_SUBDIR)
+    scores = {}
+    for step in checkpoints.list_steps(ckpt_dir):
+      scores[step] = preference_accuracy(checkpoints.load_params(ckpt_dir, step), model_config,
+                                         fmt, val, pm_input_length=feature_lengths.inputs,
+                                         batch_size=batch_size)
+      _say(f"preference: step {step} validation accuracy {scores[step]:.4f}")
+    best = max(scores, key=lambda s: (scores[s], s))
+    _write_json_atomic(os.path.join(run_dir, "best_checkpoint.json"),
+                       {"step": best, "validation_accuracy": scores[best],
+                        "all": {str(k): v for k, v in scores.items()}})
+  return state
+
+
+def best_checkpoint_params(run_dir: str, config: t5.T5Config):
+  """A PM run's best-validation checkpoint (or its latest without validation)."""
+  best = os.path.join(run_dir, "best_checkpoint.json")
+  ckpt_dir = os.path.join(run_dir, CHECKPOINT_SUBDIR)
+  if os.path.exists(best):
+    with open(best) as f:
+      return checkpoints.load_params(ckpt_dir, json.load(f)["step"])
+  return load_params(run_dir, config)
+
+
+def relabel(*, pm_run: str, pm_config: t5.T5Config, input_data: str, output_data: str,
+            source_name: str, batch_size: int = 32, vocabulary_path: Optional[str] = None,
+            feature_lengths: FeatureLengths = FeatureLengths()) -> dict:
+  """Relabels every pair with a PM and the decision rule (e.g. D_initial -> D_golden)."""
+  if os.path.exists(output_data):
+    _say(f"relabel: {output_data} exists; nothing to do")
+    return {"skipped": True}
+  vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
+  fmt = pair_format(vocabulary, feature_lengths)
+  examples = writers.read_examples(input_data)
+  arrays = tasks.tokenize_examples(examples, vocabulary, feature_lengths.as_dict())
+  params = best_checkpoint_params(pm_run, pm_config)
+  margins = preference_margins(params, pm_config, fmt, arrays["prompt"], arrays["response_a"],
+                               arrays["response_b"], pm_input_length=feature_lengths.inputs,
+                               batch_size=batch_size)
+  labels = np.asarray(preference_model.decide(jnp.asarray(margins)))
+  relabelled = [dataclasses.replace(e, label=float(l), source=source_name)
+                for e, l in zip(examples, labels)]
+  writers.write_examples(output_data, relabelled)
+  agreement = float(np.mean(np.asarray(preference_model.agreement(
+      jnp.asarray(labels), jnp.asarray([e.label for e in examples])))))
+  summary = {"pairs": len(examples), "agreement_with_input_labels": agreement,
+             "ties": int(np.sum(labels == 0.5)), "output": output_data}
+  _say(f"relabel: {summary}")
+  return summary
+
+
+def _prompts(path: str, vocabulary, lengths: FeatureLengths) -> np.ndarray:
+  """Unique prompts of a dataset, tokenised, in first-seen order."""
+  examples = writers.read_examples(path)
+  seen, unique = set(), []
+  for e in examples:
+    if e.prompt not in seen:
+      seen.add(e.prompt)
+      unique.append(e)
+  return tasks.tokenize_examples(unique, vocabulary, lengths.as_dict())["prompt"]
+
+
+def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batch_size: int,
+          train_steps: int, pair_source: str = "offline",
+          loss: steps.AlignLoss = steps.AlignLoss(), train_data: Optional[str] = None,
+          pm_run: Optional[str] = None, pm_config: Optional[t5.T5Config] = None,
+          replay_stream: Optional[str] = None, replay_order: str = "shuffled",
+          replay_window: int = 1, temperature: float = 1.0,
+          vocabulary_path: Optional[str] = None,
+          feature_lengths: FeatureLengths = FeatureLengths(),
+          optimizer: Optimizer = Optimizer(learning_rate=1e-5),
+          checkpointing: Checkpointing = Checkpointing(),
+          partitioning_config: Partitioning = Partitioning(), seed: int = 0):
+  """IPO / DPO / SLiC / Best-of-2 from the SFT policy with one pair source.
+
+  pair_source:
+    'offline': pairs of ``train_data`` (D_golden or any relabelled set);
+      reference log-probs computed once and cached in ``run_dir``.
+    'online': two samples per prompt of ``train_data`` from the current
+      policy, ordered by the PM of ``pm_run`` (proxy, or golden for the golden
+      policy); recorded to ``run_dir/stream``.
+    'replay': a recorded online stream (``replay_stream``), in the given order.
+  Whatever the source, the update is ``steps.make_align_step`` with ``loss``.
+  """
+  vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
+  sft_params = load_params(sft_checkpoint, policy_config)
+  ref_params = jax.tree.map(jnp.asarray, sft_params)
+  if pair_source == "offline":
+    if not train_data:
+      raise ValueError("align: pair_source='offline' needs train_data")
+    pairs = _ordered(_tokenized(train_data, vocabulary, feature_lengths))
+    pairs = pair_sources.reference_logprobs(ref_params, policy_config, pairs,
+                                            reduction=loss.reduction, batch_size=batch_size,
+                                            cache_dir=os.path.join(run_dir, "ref_cache"),
+                                            progress=_say)
+    source = pair_sources.OfflinePairs(pairs, batch_size=batch_size, seed=seed)
+  elif pair_source == "online":
+    if not (train_data and pm_run and pm_config):
+      raise ValueError("align: pair_source='online' needs train_data (prompts), pm_run, pm_config")
+    settings = pair_sources.OnlineSettings(
+        policy_config=policy_config, pm_config=pm_config, pair_format=pair_format(vocabulary, feature_lengths),
+        pm_input_length=feature_lengths.inputs, max_decode_length=feature_lengths.targets,
+        temperature=temperature, reduction=loss.reduction)
+    prompts = _prompts(train_data, vocabulary, feature_lengths)
+    pm_params = jax.tree.map(jnp.asarray, best_checkpoint_params(pm_run, pm_config))
+    source = pair_sources.OnlinePairs(prompts, settings=settings, ref_params=ref_params,
+                                      pm_params=pm_params, batch_size=batch_size, seed=seed,
+                                      recorder=writers.StreamWriter(os.path.join(run_dir, "stream")))
+  elif pair_source == "replay":
+    if not replay_stream:
+      raise ValueError("align: pair_source='replay' needs replay_stream")
+    batches = [batch for _, batch in writers.read_stream(replay_stream)]
+    source = pair_sources.ReplayPairs(batches, order=replay_order, seed=seed,
+                                      window=replay_window)
+    if train_steps > len(source):
+      raise ValueError(f"align: train_steps={train_steps} exceeds the {len(source)} recorded "
+                       f"batches of {replay_stream}")
+  else:
+    raise ValueError(f"align: unknown pair_source {pair_source!r}; allowed: 'offline', 'online', "
+                     "'replay'")
+  _say(f"align: {loss.name} (beta={loss.beta}, reduction={loss.reduction}) on {pair_source} pairs")
+  return _run(run_dir=run_dir, config=policy_config, part=partitioning_config,
+              batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
+              ckpt=checkpointing, seed=seed, params_fn=lambda: sft_params,
+              make_step=lambda tx: steps.make_align_step(policy_config, tx, loss), source=source)
+
+
+def sample(*, checkpoint: str, model_config: t5.T5Config, prompts_data: str, output_data: str,
+           num_samples: int = 1, batch_size: int = 32, temperature: float = 1.0,
+           vocabulary_path: Optional[str] = None,
+           feature_lengths: FeatureLengths = FeatureLengths(), seed: int = 0) -> int:
+  """Writes ``num_samples`` responses per prompt of ``prompts_data`` as JSON lines."""
+  from t5align import sampling  # pylint: disable=g-import-not-at-top
+  vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
+  params = load_params(checkpoint, model_config)
+  prompts = _prompts(prompts_data, vocabulary, feature_lengths)
+  texts = [e.prompt for e in writers.read_examples(prompts_data)]
+  texts = list(dict.fromkeys(texts))
+  rows = []
+  for start in range(0, len(prompts), batch_size):
+    idx = np.arange(start, start + batch_size) % len(prompts)
+    out = sampling.sample(params, jnp.asarray(prompts[idx]), config=model_config,
+                          rng=jax.random.fold_in(jax.random.key(seed), start),
+                          num_samples=num_samples, max_decode_length=feature_lengths.targets,
+                          temperature=temperature)
+    tokens = np.asarray(out.tokens)
+    for i in range(min(batch_size, len(prompts) - start)):
+      for j in range(num_samples):
+        ids = [int(t) for t in tokens[i * num_samples + j] if t not in (0, 1)]
+        rows.append({"prompt": texts[start + i], "sample": j,
+                     "response": vocabulary.decode(ids), "tokens": ids})
+  tmp = f"{output_data}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, output_data)
+  _say(f"sample: {len(rows)} responses -> {output_data}")
+  return len(rows)
+
+
+STAGES = {"sft": sft, "preference": preference, "align": align, "relabel": relabel,
+          "sample": sample}
