@@ -27,11 +27,14 @@ setuptools.setup(
         "matplotlib>=3.8",
         "numpy",
         "pyarrow",  # parquet copies of the public datasets
+        "safetensors>=0.4",  # Hugging Face checkpoints (read with numpy, no torch)
+        "ml_dtypes",
+        "tensorboard",  # clu's metric writer
     ],
     extras_require={
         "test": ["pytest>=8"],
         # Reference implementation for import and parity tests only.
-        "hf": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
+        "hf": ["torch==2.13.0", "transformers==5.23.0"],
     },
     entry_points={"console_scripts": ["t5align=t5align.cli:main"]},
 )
