@@ -49,6 +49,7 @@ import tensorflow as tf
 from t5align.data import schema
 from t5align.data import tfds_builders
 from t5align.data import writers
+from t5align.models import preference
 
 INPUTS, TARGETS = "inputs", "targets"
 PAPER_FEATURE_LENGTHS = {INPUTS: 1024, TARGETS: 128}
@@ -95,6 +96,11 @@ class PairFormat:
   question: tuple[int, ...]
   target_1_id: int
   target_2_id: int
+
+  def for_model(self) -> "preference.PairFormat":
+    """The same layout for ``t5align.models.preference`` (jittable, token-level)."""
+    return preference.PairFormat(self.response_1_marker, self.response_2_marker,
+                                 self.target_1_id, self.target_2_id, suffix=self.question)
 
   @property
   def pm_fixed_tokens(self) -> int:

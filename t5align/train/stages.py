@@ -262,9 +262,7 @@ def sft(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size:
 
 
 def pair_format(vocabulary, lengths: FeatureLengths) -> preference_model.PairFormat:
-  layout = tasks.pair_format(vocabulary, lengths.as_dict())
-  return preference_model.PairFormat(layout.response_1_marker, layout.response_2_marker,
-                               layout.target_1_id, layout.target_2_id, suffix=layout.question)
+  return tasks.pair_format(vocabulary, lengths.as_dict()).for_model()
 
 
 def _ordered(arrays: dict) -> dict:

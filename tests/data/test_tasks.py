@@ -229,8 +229,7 @@ def test_jax_pair_serialisation_agrees_with_numpy(vocabulary):
   from t5align.models import preference  # pylint: disable=g-import-not-at-top
   arrays = tasks.tokenize_examples(_examples(), vocabulary, LENGTHS, with_pm_inputs=True)
   fmt = tasks.pair_format(vocabulary, LENGTHS)
-  device_fmt = preference.PairFormat(fmt.response_1_marker, fmt.response_2_marker,
-                                     fmt.target_1_id, fmt.target_2_id, suffix=fmt.question)
+  device_fmt = fmt.for_model()
   for first, second, key in (("response_a", "response_b", "pm_inputs_ab"),
                              ("response_b", "response_a", "pm_inputs_ba")):
     got = preference.serialize_pair(arrays["prompt"], arrays[first], arrays[second], device_fmt,
