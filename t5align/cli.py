@@ -59,9 +59,16 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
 def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()):
   """Parses gin files and bindings; raises on unknown configurables or parameters."""
   import gin
-  for path in [REPO_GIN_DIR, os.getcwd(), *search_paths]:
-    gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
+  roots = [os.getcwd(), REPO_GIN_DIR, *search_paths]
+  for root in roots:
+    gin.add_config_file_search_path(root)
+  resolved = []
+  for name in files:
+    found = [os.path.join(root, name) for root in roots if os.path.isfile(os.path.join(root, name))]
+    if not found:
+      raise FileNotFoundError(f"gin file {name!r} not found in {roots}")
+    resolved.append(os.path.abspath(found[0]))
+  gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=True)
 
 
 def run_stage(name: str, argv: Sequence[str]):
@@ -75,8 +82,10 @@ def run_stage(name: str, argv: Sequence[str]):
   fn = _stage_functions()[name]
   parse_gin(files, bindings, search)
   configured = gin.get_configurable(fn)
-  run_dir = gin.get_bindings(fn).get("run_dir")
-  if run_dir:
+  bound = gin.get_bindings(fn)
+  # Evaluation writes into output_dir; it must not overwrite the policy run's config.
+  run_dir = bound.get("output_dir") or bound.get("run_dir")
+  if isinstance(run_dir, str):
     os.makedirs(run_dir, exist_ok=True)
     tmp = os.path.join(run_dir, f"config.gin.tmp-{os.getpid()}")
     with open(tmp, "w") as f:

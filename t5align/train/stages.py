@@ -12,6 +12,7 @@ imported Hugging Face / T5X checkpoint (``init_checkpoint``).
 """
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -280,11 +281,16 @@ def preference_accuracy(params, config: t5.T5Config, fmt: preference_model.PairF
   return float(np.mean(np.asarray(preference_model.agreement(predicted, pairs["label"]))))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "fmt", "pm_input_length"))
+def _margins(params, prompt, response_1, response_2, *, config, fmt, pm_input_length):
+  return preference_model.symmetric_preference(params, config, fmt, prompt, response_1, response_2,
+                                               pm_input_length)["margin"]
+
+
 def preference_margins(params, config, fmt, prompt, response_1, response_2, *, pm_input_length,
                        batch_size) -> np.ndarray:
   """Decision-rule margins r(x,y1,y2) - r(x,y2,y1) for every row, in fixed-shape batches."""
-  fn = jax.jit(lambda p, x, a, b: preference_model.symmetric_preference(
-      p, config, fmt, x, a, b, pm_input_length)["margin"])
+  fn = functools.partial(_margins, config=config, fmt=fmt, pm_input_length=pm_input_length)
   n, out = len(prompt), []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
