@@ -95,3 +95,26 @@ def prepare(*, dataset: str, data_dir: str, manual_dir: Optional[str] = None,
       report.truncation[split] = tasks.truncation_stats(examples, vocabulary, feature_lengths)
   logger.info("%s", report.summary())
   return report
+
+
+def main(argv) -> int:
+  """``t5align data prepare --dataset=NAME --data_dir=DIR [--manual_dir=DIR] ...``."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="t5align data", description=__doc__.splitlines()[0])
+  parser.add_argument("action", choices=["prepare"])
+  parser.add_argument("--dataset", required=True, choices=sorted(tfds_builders.DATASETS))
+  parser.add_argument("--data_dir", required=True, help="tfds data directory to write")
+  parser.add_argument("--manual_dir", help="the downloaded public files (not for 'mini')")
+  parser.add_argument("--vocabulary_path", help="SentencePiece model, to count truncation")
+  parser.add_argument("--inputs_length", type=int, default=tasks.PAPER_FEATURE_LENGTHS[tasks.INPUTS])
+  parser.add_argument("--targets_length", type=int,
+                      default=tasks.PAPER_FEATURE_LENGTHS[tasks.TARGETS])
+  parser.add_argument("--skip_bad", action="store_true",
+                      help="skip (and count) bad records instead of stopping at the first")
+  args = parser.parse_args(list(argv))
+  report = prepare(dataset=args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                   vocabulary_path=args.vocabulary_path, skip_bad=args.skip_bad,
+                   feature_lengths={tasks.INPUTS: args.inputs_length,
+                                    tasks.TARGETS: args.targets_length})
+  print(report.summary(), flush=True)
+  return 0

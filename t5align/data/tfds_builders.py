@@ -303,7 +303,9 @@ def make_builder(dataset: str, *, data_dir: str,
   _check_dataset(dataset, mini_config)
   kwargs = {"data_dir": data_dir, "skip_bad": skip_bad}
   if dataset == "mini":
-    kwargs["config"] = mini_builder_config(mini_config)
+    config = mini_builder_config(mini_config)
+    # The registered default is passed by name: tfds refuses a second config object of that name.
+    kwargs["config"] = config.name if config.name == "default" else config
   return BUILDERS[dataset](**kwargs)
 
 

@@ -202,3 +202,13 @@ def test_mini_world_prepare(tmp_path):
   builder = tfds_builders.make_builder("mini", data_dir=data_dir, mini_config=world)
   assert builder.info.metadata["mini_world_config"]["seed"] == 7
   assert "truncation at {'inputs': 40, 'targets': 8}" in report.summary()
+
+
+def test_data_prepare_command_line_on_the_mini_world(tmp_path, capsys):
+  from t5align import cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["data", "prepare", "--dataset=mini", f"--data_dir={tmp_path}",
+                   "--inputs_length=96", "--targets_length=16"]) == 0
+  out = capsys.readouterr().out
+  assert "mini:" in out and "train:" in out and "validation:" in out
+  with pytest.raises(SystemExit):
+    cli.main(["data", "prepare", "--dataset=nope", f"--data_dir={tmp_path}"])

@@ -1,0 +1,328 @@
+"""The study runner: every stage of the paper, in dependency order.
+
+``t5align study --gin_file=gin/experiments/mini.gin [--quick]`` runs, each in
+its own directory under ``study_dir``:
+
+  data        D_initial (the miniature world, or files prepared from a public set)
+  golden_pm   pairwise PM on D_initial                   (paper §4.1, App. A)
+  relabel     D_golden = D_initial relabelled by golden_pm with the decision rule
+  sft         SFT on both responses of every D_golden pair (App. C)
+  proxy_pm    pairwise PM from the SFT checkpoint on D_golden
+  golden_policy  online IPO judged by the golden PM      (§4.1)
+  online      online IPO judged by the proxy PM          (§2)
+  offline_*   offline IPO on D_golden over the LR x beta sweep (Fig. 1)
+  tandem_*    offline IPO on the online stream, shuffled  (Fig. 3-4)
+  sanity_replay  offline IPO on the UNshuffled online stream (App. F)
+  window_k    the online stream shuffled within windows of k batches (Fig. 13)
+  pairs_*, fixed_*  D_4k-vs-4k, D_sft-vs-800, D_800-vs-4k: pairs sampled from
+              fixed checkpoints, golden-labelled, then offline IPO (Fig. 5, 12)
+  bo2_online, bo2_offline, bo2_tandem  the Best-of-2 loss (§5.4, Fig. 9)
+  eval        every checkpoint of every policy run        (§4)
+  report      frontier plots and the summary table
+
+A finished stage leaves ``DONE`` in its directory and is skipped on rerun; an
+interrupted training stage resumes from its last checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+from t5align.models import t5
+from t5align.train import stages
+from t5align.train import steps
+
+DONE = "DONE"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """What one study runs; experiment gin files bind these fields."""
+  study_dir: str
+  task: str = "mini"
+  policy_config: t5.T5Config = t5.T5Config()
+  golden_pm_config: t5.T5Config = t5.T5Config()
+  proxy_pm_config: t5.T5Config = t5.T5Config()
+  vocabulary_path: Optional[str] = None
+  feature_lengths: stages.FeatureLengths = stages.FeatureLengths()
+  partitioning: stages.Partitioning = stages.Partitioning()
+  # D_initial: files of preference examples; the mini task generates them.
+  # Public tasks: the tfds data_dir of `t5align data prepare`, or explicit files.
+  data_dir: Optional[str] = None
+  train_data: Optional[str] = None
+  validation_data: Optional[str] = None
+  mini_world_train: int = 3000
+  mini_world_validation: int = 500
+  # Preference models.
+  pm_batch_size: int = 32
+  golden_pm_steps: int = 1000
+  proxy_pm_steps: int = 1000
+  pm_learning_rate: float = 1e-4
+  pm_warmup_steps: int = 1000
+  # SFT.
+  sft_batch_size: int = 128
+  sft_steps: int = 4000
+  sft_learning_rate: float = 3e-5
+  # Policy optimisation.
+  policy_batch_size: int = 32
+  online_steps: int = 4000
+  online_learning_rate: float = 1e-5
+  online_beta: float = 0.1
+  offline_learning_rates: Sequence[float] = (3e-6, 1e-5, 3e-5)
+  offline_betas: Sequence[float] = (0.1, 0.5, 1.0)
+  offline_steps: Sequence[int] = (4000, 20000)
+  tandem: bool = True
+  sanity_replay: bool = True
+  shuffle_windows: Sequence[int] = (4, 500)
+  best_of_2: bool = True
+  # Fixed-policy datasets: online checkpoints at early_step (800) and the end (4k).
+  fixed_policy_datasets: bool = True
+  early_step: int = 800
+  fixed_policy_learning_rates: Sequence[float] = (3e-6, 1e-5, 3e-5)
+  fixed_policy_beta: float = 0.1
+  fixed_policy_steps: int = 20000
+  checkpoint_every: int = 200
+  # Evaluation.
+  num_kl_prompts: int = 256
+  num_winrate_prompts: int = 2048
+  num_classification_pairs: int = 256
+  eval_batch_size: int = 32
+  seed: int = 0
+  # Scaling runs (Fig. 10, 11): reuse data, golden PM, D_golden, proxy PM and golden
+  # policy of the Large study in this directory; only SFT and the policies are new.
+  base_study_dir: Optional[str] = None
+
+
+SHARED_WITH_BASE = ("data", "golden_pm", "relabel", "proxy_pm", "golden_policy")
+
+
+def _say(message: str) -> None:
+  print(f"[study] {message}", flush=True)
+
+
+class Study:
+  """Runs a ``StudyConfig``'s stages, skipping the finished ones."""
+
+  def __init__(self, config: StudyConfig):
+    self.c = config
+    os.makedirs(config.study_dir, exist_ok=True)
+
+  def path(self, *parts: str) -> str:
+    if self.c.base_study_dir and parts and parts[0] in SHARED_WITH_BASE:
+      return os.path.join(self.c.base_study_dir, *parts)
+    return os.path.join(self.c.study_dir, *parts)
+
+  def _stage(self, name: str, fn: Callable[[str], None]) -> str:
+    run_dir = self.path(name)
+    if self.c.base_study_dir and name in SHARED_WITH_BASE:
+      if not os.path.exists(os.path.join(run_dir, DONE)):
+        raise FileNotFoundError(f"{name}: base study stage {run_dir} is not finished; run the "
+                                "base (Large) study first")
+      _say(f"{name}: taken from the base study {self.c.base_study_dir}")
+      return run_dir
+    if os.path.exists(os.path.join(run_dir, DONE)):
+      _say(f"{name}: done, skipped")
+      return run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    _say(f"{name}: running in {run_dir}")
+    start = time.time()
+    fn(run_dir)
+    with open(os.path.join(run_dir, DONE), "w") as f:
+      f.write(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+    _say(f"{name}: finished in {time.time() - start:.0f}s")
+    return run_dir
+
+  def _common(self) -> dict:
+    return {"vocabulary_path": self.c.vocabulary_path, "feature_lengths": self.c.feature_lengths}
+
+  def _ckpt(self) -> stages.Checkpointing:
+    return stages.Checkpointing(every_steps=self.c.checkpoint_every, keep=10 ** 6)
+
+  def data(self) -> tuple[str, str]:
+    c = self.c
+    if c.task != "mini":
+      if c.train_data and c.validation_data:
+        return c.train_data, c.validation_data
+      if not c.data_dir:
+        raise ValueError(f"task {c.task!r}: set StudyConfig.data_dir to the tfds data directory "
+                         "of `t5align data prepare` (docs/data.md), or train_data and "
+                         "validation_data to preference-example files")
+
+      def export(run_dir):
+        from t5align.data import tfds_builders, writers
+        for split in ("train", "validation"):
+          writers.write_examples(os.path.join(run_dir, f"{split}.tfrecord"),
+                                 tfds_builders.load_examples(c.task, split, data_dir=c.data_dir))
+      run_dir = self._stage("data", export)
+      return os.path.join(run_dir, "train.tfrecord"), os.path.join(run_dir, "validation.tfrecord")
+
+    def make(run_dir):
+      from t5align.data import mini_world, writers
+      world = mini_world.MiniWorld(mini_world.MiniWorldConfig(
+          seed=c.seed, num_train=c.mini_world_train, num_validation=c.mini_world_validation))
+      writers.write_examples(os.path.join(run_dir, "train.tfrecord"), world.d_initial("train"))
+      writers.write_examples(os.path.join(run_dir, "validation.tfrecord"),
+                             world.d_initial("validation"))
+    run_dir = self._stage("data", make)
+    return os.path.join(run_dir, "train.tfrecord"), os.path.join(run_dir, "validation.tfrecord")
+
+  def run(self) -> None:
+    c = self.c
+    train, validation = self.data()
+    pm_optimizer = stages.Optimizer(learning_rate=c.pm_learning_rate,
+                                    warmup_steps=c.pm_warmup_steps)
+    golden_pm = self._stage("golden_pm", lambda d: stages.preference(
+        run_dir=d, model_config=c.golden_pm_config, train_data=train, validation_data=validation,
+        batch_size=c.pm_batch_size, train_steps=c.golden_pm_steps, optimizer=pm_optimizer,
+        checkpointing=self._ckpt(), partitioning_config=c.partitioning, seed=c.seed,
+        **self._common()))
+    d_golden = self.path("relabel", "d_golden.tfrecord")
+    d_golden_val = self.path("relabel", "d_golden_validation.tfrecord")
+
+    def relabel(d):
+      for source, target in ((train, d_golden), (validation, d_golden_val)):
+        stages.relabel(pm_run=golden_pm, pm_config=c.golden_pm_config, input_data=source,
+                       output_data=target, source_name="golden_pm",
+                       batch_size=c.eval_batch_size, **self._common())
+    self._stage("relabel", relabel)
+    sft = self._stage("sft", lambda d: stages.sft(
+        run_dir=d, model_config=c.policy_config, train_data=d_golden,
+        batch_size=c.sft_batch_size, train_steps=c.sft_steps,
+        optimizer=stages.Optimizer(learning_rate=c.sft_learning_rate),
+        checkpointing=self._ckpt(), partitioning_config=c.partitioning, seed=c.seed,
+        **self._common()))
+    proxy_pm = self._stage("proxy_pm", lambda d: stages.preference(
+        run_dir=d, model_config=c.proxy_pm_config, train_data=d_golden,
+        validation_data=d_golden_val, batch_size=c.pm_batch_size, train_steps=c.proxy_pm_steps,
+        optimizer=pm_optimizer, checkpointing=self._ckpt(), partitioning_config=c.partitioning,
+        init_checkpoint=sft if c.proxy_pm_config == c.policy_config else None, seed=c.seed,
+        **self._common()))
+
+    def align(name, **kwargs):
+      lr = kwargs.pop("learning_rate", c.online_learning_rate)
+      loss = kwargs.pop("loss", steps.AlignLoss(name="ipo", beta=c.online_beta))
+      return self._stage(name, lambda d: stages.align(
+          run_dir=d, policy_config=c.policy_config, sft_checkpoint=sft,
+          batch_size=c.policy_batch_size, loss=loss,
+          optimizer=stages.Optimizer(learning_rate=lr), checkpointing=self._ckpt(),
+          partitioning_config=c.partitioning, seed=c.seed, **self._common(), **kwargs))
+
+    policies = {}
+    policies["golden_policy"] = align("golden_policy", pair_source="online", train_data=d_golden,
+                                      pm_run=golden_pm, pm_config=c.golden_pm_config,
+                                      train_steps=c.online_steps)
+    policies["online"] = align("online", pair_source="online", train_data=d_golden,
+                               pm_run=proxy_pm, pm_config=c.proxy_pm_config,
+                               train_steps=c.online_steps)
+    for lr in c.offline_learning_rates:
+      for beta in c.offline_betas:
+        for n in c.offline_steps:
+          name = f"offline_lr{lr:g}_beta{beta:g}_steps{n}"
+          policies[name] = align(name, pair_source="offline", train_data=d_golden,
+                                 learning_rate=lr, train_steps=n,
+                                 loss=steps.AlignLoss(name="ipo", beta=beta))
+          if c.tandem and n <= c.online_steps:
+            name = f"tandem_lr{lr:g}_beta{beta:g}"
+            policies[name] = align(name, pair_source="replay",
+                                   replay_stream=self.path("online", "stream"),
+                                   replay_order="shuffled", learning_rate=lr,
+                                   train_steps=c.online_steps,
+                                   loss=steps.AlignLoss(name="ipo", beta=beta))
+    stream = self.path("online", "stream")
+    if c.sanity_replay:
+      policies["sanity_replay"] = align("sanity_replay", pair_source="replay",
+                                        replay_stream=stream, replay_order="ordered",
+                                        train_steps=c.online_steps)
+    for window in c.shuffle_windows:
+      name = f"window_{window}"
+      policies[name] = align(name, pair_source="replay", replay_stream=stream,
+                             replay_order="windowed", replay_window=window,
+                             train_steps=c.online_steps)
+    if c.best_of_2:
+      bo2 = steps.AlignLoss(name="best_of_2")
+      policies["bo2_online"] = align("bo2_online", pair_source="online", train_data=d_golden,
+                                     pm_run=proxy_pm, pm_config=c.proxy_pm_config,
+                                     train_steps=c.online_steps, loss=bo2)
+      policies["bo2_offline"] = align("bo2_offline", pair_source="offline", train_data=d_golden,
+                                      train_steps=c.online_steps, loss=bo2)
+      if c.tandem:
+        policies["bo2_tandem"] = align("bo2_tandem", pair_source="replay",
+                                       replay_stream=self.path("bo2_online", "stream"),
+                                       replay_order="shuffled", train_steps=c.online_steps,
+                                       loss=bo2)
+    if c.fixed_policy_datasets:
+      policies.update(self.fixed_policy_runs(align, sft=sft, golden_pm=golden_pm,
+                                             d_golden=d_golden))
+    self.evaluate(policies, sft=sft, golden_pm=golden_pm, d_golden=d_golden)
+
+  def fixed_policy_runs(self, align, *, sft: str, golden_pm: str, d_golden: str) -> dict:
+    """D_4k-vs-4k, D_sft-vs-800 and D_800-vs-4k (Fig. 5, 12), then offline IPO on each."""
+    from t5align.train import fixed_policy
+    c = self.c
+    online, final = self.path("online"), c.online_steps
+    if c.early_step % c.checkpoint_every or c.early_step >= final:
+      raise ValueError(f"early_step={c.early_step} must be a multiple of checkpoint_every="
+                       f"{c.checkpoint_every} and below online_steps={final}")
+    sides = {f"{final}_vs_{final}": ((online, final), (online, final)),
+             f"sft_vs_{c.early_step}": ((sft, None), (online, c.early_step)),
+             f"{c.early_step}_vs_{final}": ((online, c.early_step), (online, final))}
+    runs = {}
+    for name, ((a, step_a), (b, step_b)) in sides.items():
+      data = self.path(f"pairs_{name}", "pairs.tfrecord")
+      self._stage(f"pairs_{name}", lambda d, a=a, b=b, step_a=step_a, step_b=step_b, data=data:
+                  fixed_policy.fixed_policy_pairs(
+                      policy_a=a, policy_b=b, step_a=step_a, step_b=step_b,
+                      model_config=c.policy_config, golden_pm_run=golden_pm,
+                      golden_pm_config=c.golden_pm_config, prompts_data=d_golden,
+                      output_data=data, batch_size=c.eval_batch_size, seed=c.seed,
+                      **self._common()))
+      for lr in c.fixed_policy_learning_rates:
+        run = f"fixed_{name}_lr{lr:g}"
+        runs[run] = align(run, pair_source="offline", train_data=data, learning_rate=lr,
+                          train_steps=c.fixed_policy_steps,
+                          loss=steps.AlignLoss(name="ipo", beta=c.fixed_policy_beta))
+    return runs
+
+  def evaluate(self, policies: dict, *, sft: str, golden_pm: str, d_golden: str) -> None:
+    from t5align.eval import evaluate as evaluate_lib
+    from t5align.eval import report as report_lib
+    c = self.c
+    eval_dir = self.path("eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    for name, run_dir in policies.items():
+      if name == "golden_policy":
+        continue
+      self._stage(os.path.join("eval", name), lambda d, run_dir=run_dir: evaluate_lib.evaluate_stage(
+          run_dir=run_dir, output_dir=d, policy_config=c.policy_config, sft_checkpoint=sft,
+          golden_policy_checkpoint=policies["golden_policy"], golden_pm_run=golden_pm,
+          golden_pm_config=c.golden_pm_config, d_golden=d_golden,
+          num_kl_prompts=c.num_kl_prompts, num_winrate_prompts=c.num_winrate_prompts,
+          num_classification_pairs=c.num_classification_pairs, batch_size=c.eval_batch_size,
+          seed=c.seed, **self._common()))
+    report_lib.study_report(eval_dir=eval_dir, output_dir=self.path("report"), task=c.task)
+
+
+def main(argv: Sequence[str]) -> int:
+  """``t5align study --gin_file=EXPERIMENT.gin [--quick] [--gin.X=V ...]``."""
+  import gin
+  from t5align import cli
+  argv = list(argv)
+  quick = "--quick" in argv
+  argv = [a for a in argv if a != "--quick"]
+  files, bindings, search, rest = cli.split_gin_args(argv)
+  if rest:
+    raise SystemExit(f"t5align study: unexpected arguments {rest}")
+  if not files:
+    files = ["experiments/mini.gin"]
+  if quick:
+    files = files + ["experiments/mini_quick.gin"]
+  cli.parse_gin(files, bindings, search)
+  config = gin.get_configurable(StudyConfig)()
+  os.makedirs(config.study_dir, exist_ok=True)
+  with open(os.path.join(config.study_dir, "config.gin"), "w") as f:
+    f.write(gin.config_str())
+  Study(config).run()
+  _say(f"report: {os.path.join(config.study_dir, 'report')}")
+  return 0

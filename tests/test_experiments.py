@@ -1,0 +1,59 @@
+"""Every experiment config parses and binds the paper's settings (spec §1-2, §7)."""
+
+import gin
+import pytest
+
+from t5align import cli
+from t5align import study
+from t5align.models import t5
+
+TASKS = ["tldr", "hh_helpful", "hh_harmless", "chat_arena"]
+MACROS = ["DATA_DIR = '/data/tfds'", "VOCABULARY = '/data/sentencepiece.model'"]
+
+
+def _config(files, bindings=()):
+  gin.clear_config(clear_constants=True)
+  try:
+    cli.parse_gin(files, list(bindings))
+    return gin.get_configurable(study.StudyConfig)()
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_paper_task_binds_the_paper_hyperparameters(task):
+  c = _config([f"experiments/{task}.gin"], MACROS)
+  assert c.task == task and c.study_dir == f"runs/{task}" and c.data_dir == "/data/tfds"
+  assert c.policy_config.emb_dim == t5.T5_1_1_SIZES["large"].emb_dim
+  assert c.proxy_pm_config.emb_dim == t5.T5_1_1_SIZES["large"].emb_dim
+  assert c.golden_pm_config.emb_dim == t5.T5_1_1_SIZES["xxl"].emb_dim
+  assert (c.feature_lengths.inputs, c.feature_lengths.targets) == (1024, 128)
+  assert (c.sft_batch_size, c.sft_learning_rate, c.sft_steps) == (128, 3e-5, 4000)
+  assert (c.policy_batch_size, c.online_learning_rate, c.online_beta) == (32, 1e-5, 0.1)
+  assert c.online_steps == (2000 if task == "hh_harmless" else 4000)
+  assert tuple(c.offline_learning_rates) == (3e-6, 1e-5, 3e-5)
+  assert tuple(c.offline_betas) == (0.1, 0.5, 1.0)
+  assert tuple(c.offline_steps) == (4000, 20000)
+  assert c.tandem and c.sanity_replay and c.best_of_2 and c.fixed_policy_datasets
+  assert c.early_step == 800 and c.fixed_policy_steps == 20000
+  assert (c.num_kl_prompts, c.num_winrate_prompts, c.num_classification_pairs) == (256, 2048, 256)
+  assert (c.pm_batch_size, c.pm_learning_rate, c.pm_warmup_steps) == (16, 1e-4, 1000)
+
+
+@pytest.mark.parametrize("scale,size,batch", [("xl", "xl", 16), ("xxl", "xxl", 8)])
+def test_scaling_reuses_the_large_study(scale, size, batch):
+  c = _config(["experiments/tldr.gin", f"experiments/scale_{scale}.gin"], MACROS)
+  assert c.base_study_dir == "runs/tldr" and c.study_dir == f"runs/scale_{scale}"
+  assert c.policy_config.emb_dim == t5.T5_1_1_SIZES[size].emb_dim
+  assert c.proxy_pm_config.emb_dim == t5.T5_1_1_SIZES["large"].emb_dim
+  assert (c.policy_batch_size, c.sft_batch_size, c.sft_learning_rate) == (batch, batch, 1e-5)
+  assert c.num_kl_prompts == 32
+
+
+def test_mini_and_quick():
+  full = _config(["experiments/mini.gin"])
+  quick = _config(["experiments/mini.gin", "experiments/mini_quick.gin"])
+  assert full.task == quick.task == "mini"
+  assert quick.online_steps < full.online_steps and quick.study_dir != full.study_dir
+  assert full.early_step % full.checkpoint_every == 0 and full.early_step < full.online_steps
+  assert quick.early_step % quick.checkpoint_every == 0 and quick.early_step < quick.online_steps
