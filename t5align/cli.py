@@ -11,19 +11,26 @@ parameter or configurable fails at once; the full config is written to
 
 Other commands: ``t5align data prepare ...`` (dataset preparation),
 ``t5align report ...`` and ``t5align study ...`` (the study runner).
+
+Multi-process runs: with ``T5ALIGN_DISTRIBUTED=auto`` every command first
+joins the run through ``jax.distributed`` with the values JAX detects (Cloud
+TPU VMs, SLURM, Open MPI); with ``T5ALIGN_DISTRIBUTED=1`` the values come from
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. The
+launchers in ``launch/`` set these (docs/launch.md).
 """
 
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
 def _stage_functions() -> dict[str, Callable]:
   from t5align.eval import evaluate
+  from t5align.train import fixed_policy
   from t5align.train import stages
-  return {**stages.STAGES, "eval": evaluate.evaluate_stage}
+  return {**stages.STAGES, "pairs": fixed_policy.fixed_policy_pairs, "eval": evaluate.evaluate_stage}
 
 
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -94,8 +101,47 @@ def run_stage(name: str, argv: Sequence[str]):
   return configured()
 
 
+DISTRIBUTED_ENV = "T5ALIGN_DISTRIBUTED"
+
+
+def init_distributed_from_env(environ: Optional[Mapping[str, str]] = None) -> bool:
+  """Joins a multi-process run if ``T5ALIGN_DISTRIBUTED`` asks; returns whether it did.
+
+  Unset, empty or ``0``: one process. ``auto``: JAX detects the coordinator,
+  process count and id. ``1``: they are read from ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Must run before anything
+  touches JAX (see ``partitioning.initialize_distributed``).
+  """
+  environ = os.environ if environ is None else environ
+  mode = environ.get(DISTRIBUTED_ENV, "").strip().lower()
+  if mode in ("", "0"):
+    return False
+  from t5align import partitioning
+  if mode == "auto":
+    return partitioning.initialize_distributed(auto_detect=True)
+  if mode != "1":
+    raise SystemExit(f"{DISTRIBUTED_ENV}={environ[DISTRIBUTED_ENV]!r}: expected 'auto', '1' or '0'")
+  names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+  missing = [name for name in names if not environ.get(name, "").strip()]
+  if missing:
+    raise SystemExit(f"{DISTRIBUTED_ENV}=1 needs {', '.join(names)} in the environment; "
+                     f"missing {', '.join(missing)}")
+  values = {}
+  for name in names[1:]:
+    try:
+      values[name] = int(environ[name])
+    except ValueError:
+      raise SystemExit(f"{name}={environ[name]!r} is not an integer") from None
+  return partitioning.initialize_distributed(
+      environ["JAX_COORDINATOR_ADDRESS"].strip(), num_processes=values["JAX_NUM_PROCESSES"],
+      process_id=values["JAX_PROCESS_ID"])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] not in ("-h", "--help"):
+    # Before _stage_functions: importing the stages already runs JAX code.
+    init_distributed_from_env()
   commands = sorted([*_stage_functions(), "data", "report", "study"])
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__.strip())

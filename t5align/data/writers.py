@@ -101,6 +101,13 @@ def _read_records(path: str) -> Iterator[bytes]:
 # ---------------------------------------------------------------- preference files
 
 
+def tokens_path(examples_path: str) -> str:
+  """Side file of exact token ids for an examples file (``prompt``, ``response_a``,
+  ``response_b``, ``label`` arrays); written when text would not re-tokenise exactly,
+  e.g. for sampled responses. Readers of pairs prefer it over re-tokenising the text."""
+  return examples_path + ".tokens.npz"
+
+
 def example_to_tf_example(example: schema.PreferenceExample) -> tf.train.Example:
   """The `tf.train.Example` holding the schema fields of ``example``."""
   feature = {

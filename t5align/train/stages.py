@@ -206,6 +206,17 @@ def _params_fn(config: t5.T5Config, init_checkpoint: Optional[str], seed: int):
 
 
 def _tokenized(path: str, vocabulary, lengths: FeatureLengths) -> dict:
+  """Token arrays of a pair file: its exact-token side file if present, else re-tokenised text."""
+  side = writers.tokens_path(path)
+  if os.path.exists(side):
+    with np.load(side) as arrays:
+      out = {k: arrays[k] for k in ("prompt", "response_a", "response_b", "label")}
+    for key, width in (("prompt", lengths.inputs), ("response_a", lengths.targets),
+                       ("response_b", lengths.targets)):
+      if out[key].shape[1] > width:
+        raise ValueError(f"{side}: field {key!r} has width {out[key].shape[1]}, more than the "
+                         f"configured length {width}")
+    return out
   examples = writers.read_examples(path)
   if not examples:
     raise ValueError(f"{path}: the dataset is empty")

@@ -175,3 +175,36 @@ def test_online_run_killed_with_sigkill_resumes_bitwise(world, tmp_path):
       np.testing.assert_array_equal(a[key], b[key])
   metric_steps = [line for line in (killed / "metrics.jsonl").read_text().splitlines()]
   assert len(metric_steps) == 6
+
+
+def test_sample_stage_writes_responses_per_prompt(world):
+  out = world / "samples.jsonl"
+  n = stages.sample(checkpoint=str(world / "sft"), model_config=CFG,
+                    prompts_data=str(world / "val.tfrecord"), output_data=str(out), num_samples=2,
+                    batch_size=4, feature_lengths=LENGTHS)
+  import json  # pylint: disable=g-import-not-at-top
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  prompts = list(dict.fromkeys(e.prompt for e in writers.read_examples(str(world / "val.tfrecord"))))
+  assert n == len(rows) == 2 * len(prompts)
+  assert [r["prompt"] for r in rows[::2]] == prompts
+  assert all(r["sample"] in (0, 1) and len(r["tokens"]) < LENGTHS.targets for r in rows)
+  assert all(1 not in r["tokens"] and 0 not in r["tokens"] for r in rows)
+
+
+def test_pair_files_prefer_their_exact_token_side_file(world, tmp_path):
+  from t5align.data import vocab  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "pairs.tfrecord")
+  examples = writers.read_examples(str(world / "val.tfrecord"))[:3]
+  writers.write_examples(path, examples)
+  vocabulary = vocab.get_vocabulary()
+  from_text = stages._tokenized(path, vocabulary, LENGTHS)  # pylint: disable=protected-access
+  side = {k: v.copy() for k, v in from_text.items()}
+  side["response_a"][:, 0] = 7  # tokens the text would not give back
+  np.savez(writers.tokens_path(path), **side)
+  got = stages._tokenized(path, vocabulary, LENGTHS)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got["response_a"], side["response_a"])
+  np.testing.assert_array_equal(got["prompt"], from_text["prompt"])
+  too_wide = dict(side, prompt=np.zeros((3, LENGTHS.inputs + 1), np.int32))
+  np.savez(writers.tokens_path(path), **too_wide)
+  with pytest.raises(ValueError, match="prompt"):
+    stages._tokenized(path, vocabulary, LENGTHS)  # pylint: disable=protected-access
