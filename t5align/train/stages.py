@@ -152,13 +152,23 @@ class _Runtime:
 
 
 class _ShardedSource:
-  """Moves a source's numpy batches onto the mesh (rows over 'data')."""
+  """Moves a source's global numpy batches onto the mesh (rows over 'data').
+
+  Every process computes the same global batch (sources are deterministic in
+  seed and step) and feeds only its own block of rows, so the global batch is
+  the configured batch size whatever the number of processes.
+  """
 
   def __init__(self, source, mesh):
     self.source, self.mesh = source, mesh
+    self.block, self.num_blocks = partitioning.process_data_shard(mesh)
 
   def next_batch(self, state):
-    return partitioning.shard_batch(self.source.next_batch(state), self.mesh)
+    batch = self.source.next_batch(state)
+    if self.num_blocks > 1:
+      rows = len(next(iter(batch.values()))) // self.num_blocks
+      batch = {k: v[self.block * rows:(self.block + 1) * rows] for k, v in batch.items()}
+    return partitioning.shard_batch(batch, self.mesh)
 
   def get_state(self):
     return self.source.get_state()

@@ -51,7 +51,12 @@ class AlignLoss:
   def __post_init__(self):
     if self.name not in losses.PAIR_LOSS_NAMES:
       raise ValueError(f"unknown alignment loss {self.name!r}; allowed: {losses.PAIR_LOSS_NAMES}")
-    losses.sequence_logprob(jnp.zeros((1, 1)), jnp.ones((1, 1)), reduction=self.reduction)
+    if self.reduction not in losses.REDUCTIONS:
+      raise ValueError(f"unknown log-prob reduction {self.reduction!r}; allowed: "
+                       f"{losses.REDUCTIONS}")
+    if self.ipo_convention not in losses.IPO_CONVENTIONS:
+      raise ValueError(f"unknown IPO convention {self.ipo_convention!r}; allowed: "
+                       f"{losses.IPO_CONVENTIONS}")
     if self.name != "best_of_2" and not self.beta > 0:
       raise ValueError(f"beta must be positive for {self.name!r}, got {self.beta}")
 
