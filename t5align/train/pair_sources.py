@@ -18,11 +18,12 @@ and every random choice is a function of (seed, step), so a resumed run sees
 exactly the batches an uninterrupted run would have seen.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import os
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import jax
 import jax.numpy as jnp
@@ -189,12 +190,14 @@ class OnlinePairs:
   """
 
   def __init__(self, prompts: np.ndarray, *, settings: OnlineSettings, ref_params, pm_params,
-               batch_size: int, seed: int, recorder=None):
+               batch_size: int, seed: int, recorder=None,
+               context: Callable[[], ContextManager] = contextlib.nullcontext):
     if len(prompts) == 0:
       raise ValueError("online pairs need at least one prompt")
     self._prompts = np.asarray(prompts, np.int32)
     self._settings, self._ref, self._pm = settings, ref_params, pm_params
     self._batch_size, self._seed, self._recorder = batch_size, seed, recorder
+    self._context = context  # the training mesh and rules, so sampling runs sharded
     self._step = 0
 
   def next_batch(self, state) -> dict:
@@ -202,8 +205,9 @@ class OnlinePairs:
     rows = np.random.default_rng([self._seed, step]).integers(0, len(self._prompts),
                                                                self._batch_size)
     rng = jax.random.fold_in(jax.random.key(self._seed), step)
-    batch = online_pairs(state.params, self._ref, self._pm, self._prompts[rows], rng,
-                         settings=self._settings)
+    with self._context():
+      batch = online_pairs(state.params, self._ref, self._pm, self._prompts[rows], rng,
+                           settings=self._settings)
     batch = jax.tree.map(np.asarray, batch)
     if self._recorder is not None:
       if self._recorder.committed_steps()[-1:] >= [step]:

@@ -11,12 +11,14 @@ start from random parameters, from a t5align checkpoint directory, or from an
 imported Hugging Face / T5X checkpoint (``init_checkpoint``).
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,27 +124,55 @@ class _Runtime:
     partitioning.validate_batch_size(batch_size, self.mesh)
     self.param_shardings = partitioning.param_shardings(config, self.mesh, self.rules)
 
-  def place_params(self, params):
+  def place_params(self, params, config: Optional[t5.T5Config] = None):
+    """Parameters of ``config`` (default: this runtime's model) placed in their shards."""
+    shardings = (self.param_shardings if config is None or config == self.config
+                 else partitioning.param_shardings(config, self.mesh, self.rules))
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), params,
-                        self.param_shardings)
+                        shardings)
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and logical-axis rules, for jitted functions called outside ``jit_step``."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def state_shardings(self, abstract_state):
+    """Shardings of a train state: optimizer slots follow their parameter.
+
+    A leaf shaped like a parameter and stored under its path (the params, Adam
+    moments, unfactored Adafactor slots, accumulated gradients) takes that
+    parameter's sharding; the rest (counters, RNG, factored Adafactor vectors)
+    is replicated. Left to XLA, every optimizer slot would be replicated:
+    ``tx.init`` builds them from constants, so no sharding propagates to them.
+    """
+    owners = {tuple(path): (a.shape, s) for (path, a), s in zip(
+        jax.tree_util.tree_flatten_with_path(t5.abstract_params(self.config))[0],
+        jax.tree.leaves(self.param_shardings))}
+    depths = sorted({len(path) for path in owners}, reverse=True)
+
+    def pick(path, leaf):
+      for depth in depths:
+        shape, sharding = owners.get(tuple(path[-depth:]), (None, None))
+        if shape == leaf.shape:
+          return sharding
+      return partitioning.replicated(self.mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
   def state_fns(self, params_fn, tx, seed: int):
-    """(init_state, abstract_state, state shardings) with optimizer slots placed by XLA."""
+    """(init_state, abstract_state, state shardings); see ``state_shardings``."""
 
     def create(params):
       return state_lib.TrainState.create(params=params, tx=tx, rng=jax.random.key(seed))
 
+    abstract = jax.eval_shape(create, t5.abstract_params(self.config))
+    shardings = self.state_shardings(abstract)
     create_jit = partitioning.jit_sharded(create, mesh=self.mesh, rules=self.rules,
                                           in_shardings=(self.param_shardings,),
-                                          out_shardings=None)
-    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   t5.abstract_params(self.config), self.param_shardings)
-    with jax.set_mesh(self.mesh):
-      compiled = jax.jit(create, in_shardings=(self.param_shardings,)).lower(
-          abstract_params).compile()
-    shardings = compiled.output_shardings
+                                          out_shardings=shardings)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(create, abstract_params), shardings)
+                            abstract, shardings)
     return (lambda: create_jit(self.place_params(params_fn()))), abstract, shardings
 
   def jit_step(self, step_fn, state_shardings):
@@ -189,10 +219,10 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 
 def _run(*, run_dir: str, config: t5.T5Config, part: Partitioning, batch_size: int,
          train_steps: int, optimizer: Optimizer, ckpt: Checkpointing, seed: int, params_fn,
-         make_step, source) -> Any:
+         make_step, source, runtime: Optional[_Runtime] = None) -> Any:
   """Shared plumbing of the training stages: mesh, state, loop, checkpoints, metrics."""
   os.makedirs(run_dir, exist_ok=True)
-  runtime = _Runtime(config, part, batch_size)
+  runtime = runtime or _Runtime(config, part, batch_size)
   tx = optimizer.build(train_steps)
   init_state, abstract_state, shardings = runtime.state_fns(params_fn, tx, seed)
   step_fn = runtime.jit_step(make_step(tx), shardings)
@@ -435,7 +465,8 @@ def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batc
   """
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
   sft_params = load_params(sft_checkpoint, policy_config)
-  ref_params = jax.tree.map(jnp.asarray, sft_params)
+  runtime = _Runtime(policy_config, partitioning_config, batch_size)
+  ref_params = runtime.place_params(sft_params)
   if pair_source == "offline":
     if not train_data:
       raise ValueError("align: pair_source='offline' needs train_data")
@@ -453,10 +484,11 @@ def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batc
         pm_input_length=feature_lengths.inputs, max_decode_length=feature_lengths.targets,
         temperature=temperature, reduction=loss.reduction)
     prompts = _prompts(train_data, vocabulary, feature_lengths)
-    pm_params = jax.tree.map(jnp.asarray, best_checkpoint_params(pm_run, pm_config))
+    pm_params = runtime.place_params(best_checkpoint_params(pm_run, pm_config), pm_config)
     source = pair_sources.OnlinePairs(prompts, settings=settings, ref_params=ref_params,
                                       pm_params=pm_params, batch_size=batch_size, seed=seed,
-                                      recorder=writers.StreamWriter(os.path.join(run_dir, "stream")))
+                                      recorder=writers.StreamWriter(os.path.join(run_dir, "stream")),
+                                      context=runtime.context)
   elif pair_source == "replay":
     if not replay_stream:
       raise ValueError("align: pair_source='replay' needs replay_stream")
@@ -473,7 +505,8 @@ def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batc
   return _run(run_dir=run_dir, config=policy_config, part=partitioning_config,
               batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
               ckpt=checkpointing, seed=seed, params_fn=lambda: sft_params,
-              make_step=lambda tx: steps.make_align_step(policy_config, tx, loss), source=source)
+              make_step=lambda tx: steps.make_align_step(policy_config, tx, loss), source=source,
+              runtime=runtime)
 
 
 def sample(*, checkpoint: str, model_config: t5.T5Config, prompts_data: str, output_data: str,
