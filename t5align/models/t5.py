@@ -24,7 +24,7 @@ attend to input positions 0 and 1 (causal), never to position 2 (padding).
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax

@@ -116,24 +116,8 @@ def _load(policy: _Policy, config: t5.T5Config):
   if policy.checkpoints_dir is None:
     return stages.load_params(policy.path, config)
   params = checkpoints.load_params(policy.checkpoints_dir, policy.step)
-  mismatched = []
-  jax.tree_util.tree_map_with_path(
-      lambda p, want, got: mismatched.append(jax.tree_util.keystr(p))
-      if tuple(want.shape) != tuple(np.shape(got)) else None, t5.abstract_params(config), params)
-  if mismatched:
-    raise ValueError(f"checkpoint {policy.checkpoints_dir} step {policy.step}: parameter shapes "
-                     f"differ from the configured model at {mismatched[:5]}")
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-
-
-def _first_per_prompt(path: str) -> list[schema.PreferenceExample]:
-  """The first example of every distinct prompt of ``path``, in first-seen order."""
-  first = {}
-  for example in writers.read_examples(path):
-    first.setdefault(example.prompt, example)
-  if not first:
-    raise ValueError(f"{path}: the prompts dataset is empty")
-  return list(first.values())
+  return stages.checked_params(
+      params, config, where=f"checkpoint {policy.checkpoints_dir} step {policy.step}")
 
 
 def _sample_all(params, prompts: np.ndarray, *, config: t5.T5Config, key, batch_size: int,
@@ -211,7 +195,7 @@ def fixed_policy_pairs(*, policy_a: str, policy_b: str, model_config: t5.T5Confi
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
   lengths = feature_lengths.as_dict()
   fmt = stages.pair_format(vocabulary, feature_lengths)
-  firsts = _first_per_prompt(prompts_data)
+  firsts = stages.unique_prompt_examples(prompts_data)
   prompts = tasks.tokenize_examples(firsts, vocabulary, lengths)["prompt"]
   side_a, side_b = _resolve(policy_a, step_a, "a"), _resolve(policy_b, step_b, "b")
   source = source_name or f"golden_pm:{side_a.name}-vs-{side_b.name}"

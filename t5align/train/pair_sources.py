@@ -106,29 +106,28 @@ def reference_logprobs(params, config: t5.T5Config, pairs: PairArrays, *, reduct
   return result
 
 
-class OfflinePairs:
-  """Epochs over a fixed pair dataset, reshuffled per epoch with ``(seed, epoch)``."""
+class EpochBatches:
+  """Epochs over fixed arrays (equal leading dimension), reshuffled per epoch.
 
-  def __init__(self, pairs: PairArrays, *, batch_size: int, seed: int):
-    missing = [k for k in PAIR_KEYS if k not in pairs]
-    if missing:
-      raise ValueError(f"offline pairs lack {missing}; call reference_logprobs() first")
-    n = len(pairs["prompt"])
-    if n < batch_size:
-      raise ValueError(f"offline dataset has {n} pairs, fewer than one batch of {batch_size}")
-    self._pairs, self._batch_size, self._seed = pairs, batch_size, seed
+  The order of epoch ``e`` is a permutation seeded with ``(seed, e)``; a ragged
+  tail shorter than a batch is dropped. The position is ``(epoch, index)``.
+  """
+
+  def __init__(self, arrays: dict, *, batch_size: int, seed: int):
+    self._n = len(next(iter(arrays.values())))
+    if self._n < batch_size:
+      raise ValueError(f"dataset has {self._n} rows, fewer than one batch of {batch_size}")
+    self._arrays, self._batch_size, self._seed = arrays, batch_size, seed
     self._epoch, self._index = 0, 0
 
-  def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self._seed, epoch]).permutation(len(self._pairs["prompt"]))
-
   def next_batch(self, state) -> dict:
-    del state  # offline pairs do not depend on the policy
-    if self._index + self._batch_size > len(self._pairs["prompt"]):
-      self._epoch, self._index = self._epoch + 1, 0  # drop the ragged tail of an epoch
-    rows = self._order(self._epoch)[self._index:self._index + self._batch_size]
+    del state  # fixed data does not depend on the policy
+    if self._index + self._batch_size > self._n:
+      self._epoch, self._index = self._epoch + 1, 0
+    order = np.random.default_rng([self._seed, self._epoch]).permutation(self._n)
+    rows = order[self._index:self._index + self._batch_size]
     self._index += self._batch_size
-    return {k: self._pairs[k][rows] for k in PAIR_KEYS}
+    return {k: v[rows] for k, v in self._arrays.items()}
 
   def get_state(self) -> dict:
     return {"epoch": self._epoch, "index": self._index}
@@ -138,6 +137,16 @@ class OfflinePairs:
 
   def on_restore(self, step: int) -> None:
     del step
+
+
+class OfflinePairs(EpochBatches):
+  """Epochs over a fixed pair dataset with cached reference log-probs."""
+
+  def __init__(self, pairs: PairArrays, *, batch_size: int, seed: int):
+    missing = [k for k in PAIR_KEYS if k not in pairs]
+    if missing:
+      raise ValueError(f"offline pairs lack {missing}; call reference_logprobs() first")
+    super().__init__({k: pairs[k] for k in PAIR_KEYS}, batch_size=batch_size, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -103,13 +103,17 @@ def load_params(path: str, config: t5.T5Config):
       if getattr(loaded_config, field) != getattr(config, field):
         raise ValueError(f"checkpoint {path} has {field}={getattr(loaded_config, field)} but the "
                          f"configured model has {field}={getattr(config, field)}")
-  want = t5.abstract_params(config)
+  return checked_params(params, config, where=f"checkpoint {path}")
+
+
+def checked_params(params, config: t5.T5Config, *, where: str):
+  """``params`` as float32 numpy arrays, after checking every shape against ``config``."""
   problems = []
   jax.tree_util.tree_map_with_path(
       lambda p, w, g: problems.append(jax.tree_util.keystr(p))
-      if tuple(w.shape) != tuple(np.shape(g)) else None, want, params)
+      if tuple(w.shape) != tuple(np.shape(g)) else None, t5.abstract_params(config), params)
   if problems:
-    raise ValueError(f"checkpoint {path}: parameter shapes differ from the configured model at "
+    raise ValueError(f"{where}: parameter shapes differ from the configured model at "
                      f"{problems[:5]}")
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
@@ -263,35 +267,6 @@ def _tokenized(path: str, vocabulary, lengths: FeatureLengths) -> dict:
   return tasks.tokenize_examples(examples, vocabulary, lengths.as_dict())
 
 
-class _Batches:
-  """Epochs over fixed arrays, reshuffled per epoch with (seed, epoch)."""
-
-  def __init__(self, arrays: dict, *, batch_size: int, seed: int):
-    self._arrays, self._batch_size, self._seed = arrays, batch_size, seed
-    self._n = len(next(iter(arrays.values())))
-    if self._n < batch_size:
-      raise ValueError(f"dataset has {self._n} rows, fewer than one batch of {batch_size}")
-    self._epoch, self._index = 0, 0
-
-  def next_batch(self, state):
-    del state
-    if self._index + self._batch_size > self._n:
-      self._epoch, self._index = self._epoch + 1, 0
-    order = np.random.default_rng([self._seed, self._epoch]).permutation(self._n)
-    rows = order[self._index:self._index + self._batch_size]
-    self._index += self._batch_size
-    return {k: v[rows] for k, v in self._arrays.items()}
-
-  def get_state(self):
-    return {"epoch": self._epoch, "index": self._index}
-
-  def set_state(self, data_state):
-    self._epoch, self._index = int(data_state["epoch"]), int(data_state["index"])
-
-  def on_restore(self, step):
-    del step
-
-
 def sft(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size: int,
         train_steps: int, vocabulary_path: Optional[str] = None,
         feature_lengths: FeatureLengths = FeatureLengths(),
@@ -310,7 +285,7 @@ def sft(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size:
               ckpt=checkpointing, seed=seed,
               params_fn=_params_fn(model_config, init_checkpoint, seed),
               make_step=lambda tx: steps.make_sft_step(model_config, tx, z_loss=z_loss),
-              source=_Batches(data, batch_size=batch_size, seed=seed))
+              source=pair_sources.EpochBatches(data, batch_size=batch_size, seed=seed))
 
 
 def pair_format(vocabulary, lengths: FeatureLengths) -> preference_model.PairFormat:
@@ -368,7 +343,7 @@ def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batc
   fmt = pair_format(vocabulary, feature_lengths)
   pairs = _ordered(_tokenized(train_data, vocabulary, feature_lengths))
   _say(f"preference: {len(pairs['prompt'])} pairs from {train_data}")
-  source = _Batches({k: pairs[k] for k in ("prompt", "chosen", "rejected", "label")},
+  source = pair_sources.EpochBatches({k: pairs[k] for k in ("prompt", "chosen", "rejected", "label")},
                     batch_size=batch_size, seed=seed)
   state = _run(run_dir=run_dir, config=model_config, part=partitioning_config,
                batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
@@ -430,15 +405,19 @@ def relabel(*, pm_run: str, pm_config: t5.T5Config, input_data: str, output_data
   return summary
 
 
-def _prompts(path: str, vocabulary, lengths: FeatureLengths) -> np.ndarray:
-  """Unique prompts of a dataset, tokenised, in first-seen order."""
-  examples = writers.read_examples(path)
-  seen, unique = set(), []
-  for e in examples:
-    if e.prompt not in seen:
-      seen.add(e.prompt)
-      unique.append(e)
-  return tasks.tokenize_examples(unique, vocabulary, lengths.as_dict())["prompt"]
+def unique_prompt_examples(path: str) -> list[schema.PreferenceExample]:
+  """The first example of every distinct prompt of ``path``, in first-seen order."""
+  first = {}
+  for example in writers.read_examples(path):
+    first.setdefault(example.prompt, example)
+  if not first:
+    raise ValueError(f"{path}: the prompts dataset is empty")
+  return list(first.values())
+
+
+def _prompts(examples, vocabulary, lengths: FeatureLengths) -> np.ndarray:
+  """Tokenised prompts of ``examples`` (encoder inputs)."""
+  return tasks.tokenize_examples(examples, vocabulary, lengths.as_dict())["prompt"]
 
 
 def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batch_size: int,
@@ -483,7 +462,7 @@ def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batc
         policy_config=policy_config, pm_config=pm_config, pair_format=pair_format(vocabulary, feature_lengths),
         pm_input_length=feature_lengths.inputs, max_decode_length=feature_lengths.targets,
         temperature=temperature, reduction=loss.reduction)
-    prompts = _prompts(train_data, vocabulary, feature_lengths)
+    prompts = _prompts(unique_prompt_examples(train_data), vocabulary, feature_lengths)
     pm_params = runtime.place_params(best_checkpoint_params(pm_run, pm_config), pm_config)
     source = pair_sources.OnlinePairs(prompts, settings=settings, ref_params=ref_params,
                                       pm_params=pm_params, batch_size=batch_size, seed=seed,
@@ -517,9 +496,9 @@ def sample(*, checkpoint: str, model_config: t5.T5Config, prompts_data: str, out
   from t5align import sampling  # pylint: disable=g-import-not-at-top
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
   params = load_params(checkpoint, model_config)
-  prompts = _prompts(prompts_data, vocabulary, feature_lengths)
-  texts = [e.prompt for e in writers.read_examples(prompts_data)]
-  texts = list(dict.fromkeys(texts))
+  unique = unique_prompt_examples(prompts_data)
+  prompts = _prompts(unique, vocabulary, feature_lengths)
+  texts = [e.prompt for e in unique]
   rows = []
   for start in range(0, len(prompts), batch_size):
     idx = np.arange(start, start + batch_size) % len(prompts)

@@ -108,9 +108,8 @@ def make_preference_step(config: t5.T5Config, tx: optax.GradientTransformation,
   def step(state, batch: Batch):
     key = _dropout_key(state)
     swap_key, dropout_key = jax.random.split(key)
-    first, second, _, swapped = losses.random_order_swap(
+    first, second, label, _ = losses.random_order_swap(
         swap_key, batch["chosen"], batch["rejected"], batch["label"])
-    label = jnp.where(swapped, 1.0 - batch["label"], batch["label"])
     inputs = preference.serialize_pair(batch["prompt"], first, second, fmt, max_input_length)
 
     def loss_fn(params):
