@@ -223,6 +223,42 @@ def to_hf_state_dict(params: Mapping, config: t5.T5Config) -> dict[str, np.ndarr
   return out
 
 
+def hf_config(config: t5.T5Config) -> dict:
+  """The ``config.json`` of ``config`` as a T5 v1.1 checkpoint writes it (untied head)."""
+  return {
+      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+      "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
+      "d_ff": config.mlp_dim, "num_heads": config.num_heads,
+      "num_layers": config.num_encoder_layers, "num_decoder_layers": config.num_decoder_layers,
+      "relative_attention_num_buckets": config.relative_attention_num_buckets,
+      "relative_attention_max_distance": config.relative_attention_max_distance,
+      "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
+      "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+      "scale_decoder_outputs": False, "is_encoder_decoder": True, "pad_token_id": t5.PAD_ID,
+      "eos_token_id": t5.EOS_ID, "decoder_start_token_id": t5.DECODER_START_ID}
+
+
+def save_hf_checkpoint(directory: str, params: Mapping, config: t5.T5Config) -> None:
+  """Writes ``config.json`` and one ``model.safetensors`` that ``load_hf_checkpoint`` reads.
+
+  Files are written under temporary names and renamed, so a killed save never
+  leaves a half-written checkpoint under the final names.
+  """
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  tensors = to_hf_state_dict(params, config)
+  for copy in _EMBEDDING_COPIES:  # the reader accepts them; one copy keeps files small
+    del tensors[copy]
+  weights = os.path.join(directory, SAFETENSORS_FILENAME)
+  save_file(tensors, weights + ".tmp", metadata={"format": "np"})
+  with open(os.path.join(directory, CONFIG_FILENAME + ".tmp"), "w") as f:
+    json.dump(hf_config(config), f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(weights + ".tmp", weights)
+  os.replace(os.path.join(directory, CONFIG_FILENAME + ".tmp"),
+             os.path.join(directory, CONFIG_FILENAME))
+
+
 def _shard_path(directory: str, filename: Any, source: str, field: str) -> str:
   """Path of a shard named in the index, which must be a plain file name in ``directory``.
 

@@ -117,6 +117,17 @@ def test_single_file_round_trip(tmp_path, params):
   assert load.detect_format(directory / "config.json") == (load.HF, str(directory))
 
 
+def test_save_hf_checkpoint_round_trip(tmp_path, params):
+  directory = tmp_path / "saved"
+  hf.save_hf_checkpoint(str(directory), params, CONFIG)
+  assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]  # no temp files
+  config, loaded = load.load_pretrained(directory, dtype="float32")
+  assert config == CONFIG
+  _assert_same(loaded, params)
+  written = json.loads((directory / "config.json").read_text())
+  assert (written["tie_word_embeddings"], written["scale_decoder_outputs"]) == (False, False)
+
+
 def test_sharded_round_trip(tmp_path, params):
   tensors = _hf_tensors(params)
   names = sorted(tensors)

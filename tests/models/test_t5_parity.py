@@ -229,3 +229,19 @@ def test_t5x_tiny_checkpoint_matches_hf():
       {k: v.numpy() for k, v in model.state_dict().items()}, config)
   for name, value in flatten_params(params).items():
     np.testing.assert_array_equal(flatten_params(back)[name], value, err_msg=name)
+
+
+def test_saved_checkpoint_loads_in_transformers(tmp_path):
+  """``save_hf_checkpoint`` writes a directory that transformers reads as the same network."""
+  config = t5.T5Config(vocab_size=128, emb_dim=20, num_heads=3, head_dim=8, mlp_dim=36,
+                       num_encoder_layers=2, num_decoder_layers=3,
+                       relative_attention_num_buckets=12, relative_attention_max_distance=20,
+                       dropout_rate=0.0, dtype="float32")
+  params = jax.tree.map(np.asarray, t5.init_params(config, jax.random.key(5)))
+  hf_checkpoint.save_hf_checkpoint(str(tmp_path), params, config)
+  model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+  assert model.config.scale_decoder_outputs is False
+  np.testing.assert_array_equal(model.lm_head.weight.detach().numpy(),
+                                params["decoder"]["logits_dense"]["kernel"].T)
+  batch = _batch(config.vocab_size, seed=4)
+  _assert_logits_close(_our_logits(config, params, *batch), _hf_logits(model, *batch), batch[2])
