@@ -10,7 +10,7 @@ setuptools.setup(
         "T5 v1.1 encoder-decoder models on a T5X-compatible JAX stack."
     ),
     packages=setuptools.find_packages(include=["t5align", "t5align.*"]),
-    package_data={"t5align": ["data/assets/*"]},
+    package_data={"t5align": ["data/assets/*", "models/assets/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

@@ -55,12 +55,21 @@ class StudyConfig:
   validation_data: Optional[str] = None
   mini_world_train: int = 3000
   mini_world_validation: int = 500
+  # Pretrained starting points (paper: T5 v1.1 checkpoints, T5X or Hugging Face
+  # format): SFT starts from policy_init_checkpoint, the golden PM from
+  # golden_pm_init_checkpoint; None starts from random init. The proxy PM starts
+  # from the SFT checkpoint when it has the policy's size.
+  policy_init_checkpoint: Optional[str] = None
+  golden_pm_init_checkpoint: Optional[str] = None
+  # Optimizer of every training stage: 'adafactor' (the paper's) or 'adamw'.
+  optimizer_name: str = "adafactor"
   # Preference models.
   pm_batch_size: int = 32
   golden_pm_steps: int = 1000
   proxy_pm_steps: int = 1000
   pm_learning_rate: float = 1e-4
   pm_warmup_steps: int = 1000
+  pm_decay: str = "constant"  # after warm-up: constant, linear, cosine or rsqrt
   # SFT.
   sft_batch_size: int = 128
   sft_steps: int = 4000
@@ -171,13 +180,13 @@ class Study:
   def run(self) -> None:
     c = self.c
     train, validation = self.data()
-    pm_optimizer = stages.Optimizer(learning_rate=c.pm_learning_rate,
-                                    warmup_steps=c.pm_warmup_steps)
+    pm_optimizer = stages.Optimizer(name=c.optimizer_name, learning_rate=c.pm_learning_rate,
+                                    warmup_steps=c.pm_warmup_steps, decay=c.pm_decay)
     golden_pm = self._stage("golden_pm", lambda d: stages.preference(
         run_dir=d, model_config=c.golden_pm_config, train_data=train, validation_data=validation,
         batch_size=c.pm_batch_size, train_steps=c.golden_pm_steps, optimizer=pm_optimizer,
-        checkpointing=self._ckpt(), partitioning_config=c.partitioning, seed=c.seed,
-        **self._common()))
+        checkpointing=self._ckpt(), partitioning_config=c.partitioning,
+        init_checkpoint=c.golden_pm_init_checkpoint, seed=c.seed, **self._common()))
     d_golden = self.path("relabel", "d_golden.tfrecord")
     d_golden_val = self.path("relabel", "d_golden_validation.tfrecord")
 
@@ -190,8 +199,9 @@ class Study:
     sft = self._stage("sft", lambda d: stages.sft(
         run_dir=d, model_config=c.policy_config, train_data=d_golden,
         batch_size=c.sft_batch_size, train_steps=c.sft_steps,
-        optimizer=stages.Optimizer(learning_rate=c.sft_learning_rate),
-        checkpointing=self._ckpt(), partitioning_config=c.partitioning, seed=c.seed,
+        optimizer=stages.Optimizer(name=c.optimizer_name, learning_rate=c.sft_learning_rate),
+        checkpointing=self._ckpt(), partitioning_config=c.partitioning,
+        init_checkpoint=c.policy_init_checkpoint, seed=c.seed,
         **self._common()))
     proxy_pm = self._stage("proxy_pm", lambda d: stages.preference(
         run_dir=d, model_config=c.proxy_pm_config, train_data=d_golden,
@@ -206,7 +216,8 @@ class Study:
       return self._stage(name, lambda d: stages.align(
           run_dir=d, policy_config=c.policy_config, sft_checkpoint=sft,
           batch_size=c.policy_batch_size, loss=loss,
-          optimizer=stages.Optimizer(learning_rate=lr), checkpointing=self._ckpt(),
+          optimizer=stages.Optimizer(name=c.optimizer_name, learning_rate=lr),
+          checkpointing=self._ckpt(),
           partitioning_config=c.partitioning, seed=c.seed, **self._common(), **kwargs))
 
     policies = {}

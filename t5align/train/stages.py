@@ -99,7 +99,8 @@ def load_params(path: str, config: t5.T5Config):
     from t5align.models import load as load_lib  # HF / T5X readers
     loaded_config, params = load_lib.load_pretrained(path)
     for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                  "num_encoder_layers", "num_decoder_layers"):
+                  "num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets",
+                  "relative_attention_max_distance"):
       if getattr(loaded_config, field) != getattr(config, field):
         raise ValueError(f"checkpoint {path} has {field}={getattr(loaded_config, field)} but the "
                          f"configured model has {field}={getattr(config, field)}")
