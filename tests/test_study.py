@@ -34,8 +34,9 @@ def test_quick_study_runs_every_stage_and_skips_them_on_rerun(tmp_path, capsys):
   assert "policy_init_checkpoint" in (study_dir / "config.gin").read_text()
 
   # Every policy run is evaluated at each of its checkpoints (0, 5, 10).
-  policy_runs = [s for s in stages if s not in ("data", "golden_pm", "relabel", "proxy_pm",
-                                                "golden_policy") and not s.startswith("pairs_")]
+  not_policies = ("data", "golden_pm", "relabel", "sft", "proxy_pm", "golden_policy")
+  policy_runs = [s for s in stages if s not in not_policies and not s.startswith("pairs_")]
+  assert len(policy_runs) == 11, policy_runs
   for run in policy_runs:
     rows = [json.loads(line) for line in
             (study_dir / "eval" / run / "eval.jsonl").read_text().splitlines()]

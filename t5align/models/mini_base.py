@@ -23,7 +23,7 @@ the posts' grammar):
 
 (Adding two three-text comparison tasks, "which of A, B shares more words with
 C", left the large base at 0.89 token accuracy after the same steps and its
-golden PM 0.59 on validation labels after 800 steps, against 0.70 from the
+golden PM 0.59 on validation labels after 800 steps, against 0.69 from the
 four-task base; see docs/mini_world.md.)
 
 Rebuild (one CPU core, about 6 and 15 minutes):
@@ -95,7 +95,8 @@ def _text(rng: np.random.Generator) -> list[str]:
   return [_WORDS[int(rng.integers(len(_WORDS)))] for _ in range(2 + int(rng.integers(12)))]
 
 
-def _borrow(rng: np.random.Generator, words: list[str], source: list[str], rate: float) -> list[str]:
+def _borrow(rng: np.random.Generator, words: list[str], source: list[str],
+            rate: float) -> list[str]:
   """``words`` with each word replaced, with probability ``rate``, by a word of ``source``."""
   return [source[int(rng.integers(len(source)))] if rng.random() < rate else w for w in words]
 
