@@ -3,6 +3,7 @@
 import json
 import os
 
+import gin
 import pytest
 
 from t5align import study
@@ -15,10 +16,19 @@ def _stage_dirs(study_dir):
                 if os.path.isdir(os.path.join(study_dir, d)) and d not in ("eval", "report"))
 
 
+def _main(args):
+  """``t5align study`` in this process (the command finalises gin: clear around it)."""
+  gin.clear_config(clear_constants=True)
+  try:
+    return study.main(args)
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
 def test_quick_study_runs_every_stage_and_skips_them_on_rerun(tmp_path, capsys):
   study_dir = tmp_path / "quick"
   args = ["--gin_file=experiments/mini.gin", "--quick", f"--gin.STUDY_DIR='{study_dir}'"]
-  assert study.main(args) == 0
+  assert _main(args) == 0
   out = capsys.readouterr().out
 
   stages = _stage_dirs(study_dir)
@@ -52,7 +62,7 @@ def test_quick_study_runs_every_stage_and_skips_them_on_rerun(tmp_path, capsys):
     assert run in table
 
   # A second run finds every stage done and retrains nothing.
-  assert study.main(args) == 0
+  assert _main(args) == 0
   again = capsys.readouterr().out
   assert "running in" not in again
   assert again.count("done, skipped") >= len(stages)
