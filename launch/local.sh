@@ -27,15 +27,8 @@
 
 set -euo pipefail
 
-usage() {
-  sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
-  exit 0
-}
-
-die() {
-  echo "launch/local.sh: $*" >&2
-  exit 2
-}
+launcher="launch/local.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 

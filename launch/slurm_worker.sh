@@ -17,22 +17,8 @@
 
 set -euo pipefail
 
-die() {
-  echo "launch/slurm_worker.sh: $*" >&2
-  exit 2
-}
-
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+launcher="launch/slurm_worker.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 dry_run=0
 if [[ "${1:-}" == --dry-run ]]; then

@@ -42,28 +42,8 @@
 
 set -euo pipefail
 
-usage() {
-  sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
-  exit 0
-}
-
-die() {
-  echo "launch/tpu_vm.sh: $*" >&2
-  exit 2
-}
-
-# Prints its arguments as one line that a POSIX shell reads back as the same words.
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+launcher="launch/tpu_vm.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
