@@ -5,6 +5,8 @@ import pytest
 
 from t5align import cli
 from t5align import study
+from t5align.models import load
+from t5align.models import mini_base
 from t5align.models import t5
 
 TASKS = ["tldr", "hh_helpful", "hh_harmless", "chat_arena"]
@@ -57,3 +59,17 @@ def test_mini_and_quick():
   assert quick.online_steps < full.online_steps and quick.study_dir != full.study_dir
   assert full.early_step % full.checkpoint_every == 0 and full.early_step < full.online_steps
   assert quick.early_step % quick.checkpoint_every == 0 and quick.early_step < quick.online_steps
+
+
+@pytest.mark.parametrize("size,field,init", [("small", "policy_config", "policy_init_checkpoint"),
+                                             ("large", "golden_pm_config",
+                                              "golden_pm_init_checkpoint")])
+def test_mini_study_starts_from_the_shipped_bases(size, field, init):
+  c = _config(["experiments/mini.gin"])
+  assert getattr(c, init) == mini_base.checkpoint_path(size)
+  shipped, _ = load.load_pretrained(mini_base.checkpoint_path(size))
+  want = getattr(c, field)
+  for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+               "num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets",
+               "relative_attention_max_distance"):
+    assert getattr(shipped, name) == getattr(want, name) == getattr(mini_base.SIZES[size], name)

@@ -9,8 +9,6 @@ joined through jax.distributed and gloo.
 import dataclasses
 import functools
 import os
-import socket
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -396,28 +394,9 @@ def _multiprocess_worker(port: int, process_id: int) -> None:
   print(f"process {process_id} ok", flush=True)
 
 
-def test_two_cpu_processes_share_one_mesh():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  env.pop("JAX_COORDINATOR_ADDRESS", None)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = []
-  for proc in procs:
-    try:
-      outputs.append(proc.communicate(timeout=180)[0])
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      raise
-  for i, (proc, out) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0 and f"process {i} ok" in out, out[-3000:]
+def test_two_cpu_processes_share_one_mesh(run_two_processes):
+  run_two_processes(lambda port, i: [sys.executable, os.path.abspath(__file__), str(port), str(i)],
+                    timeout=180)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from t5align import losses
 from t5align.data import mini_world
 from t5align.data import vocab as vocab_lib
 from t5align.models import hf_checkpoint
@@ -120,14 +121,14 @@ def pretraining_example(rng: np.random.Generator, task: str) -> tuple[str, str]:
   raise ValueError(f"unknown pretraining task {task!r}; expected one of {TASKS}")
 
 
-def pretraining_batch(rng: np.random.Generator, vocabulary, settings: PretrainingSettings,
-                      tasks: Sequence[str] = TASKS) -> tuple[np.ndarray, np.ndarray]:
+def pretraining_batch(rng: np.random.Generator, vocabulary,
+                      settings: PretrainingSettings) -> tuple[np.ndarray, np.ndarray]:
   """Token arrays (inputs, targets), EOS-terminated and zero-padded, tasks mixed uniformly."""
   n = settings.batch_size
   inputs = np.zeros((n, settings.input_length), np.int32)
   targets = np.zeros((n, settings.target_length), np.int32)
   for i in range(n):
-    source, target = pretraining_example(rng, tasks[int(rng.integers(len(tasks)))])
+    source, target = pretraining_example(rng, TASKS[int(rng.integers(len(TASKS)))])
     x = list(vocabulary.encode(source))[:settings.input_length - 1] + [t5.EOS_ID]
     y = list(vocabulary.encode(target))[:settings.target_length - 1] + [t5.EOS_ID]
     inputs[i, :len(x)] = x
@@ -151,9 +152,9 @@ def pretrain(config: t5.T5Config, settings: PretrainingSettings = PretrainingSet
     def loss_fn(params):
       logits = model.apply({"params": params}, inputs, t5.shift_right(targets), targets)
       mask = (targets > 0).astype(jnp.float32)
-      nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+      token = losses.sft_token_loss(logits, targets, mask, z_loss=0.0)
       correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-      return jnp.sum(nll * mask) / jnp.sum(mask), jnp.sum(correct * mask) / jnp.sum(mask)
+      return token.loss_sum / token.token_count, jnp.sum(correct * mask) / token.token_count
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, accuracy

@@ -18,8 +18,6 @@ matmuls and reductions, nothing else.
 import dataclasses
 import functools
 import os
-import socket
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -308,32 +306,12 @@ def two_process_worker(process_id: int, out_path: str) -> None:
 # ~12-50 s on two shared cores: two fresh interpreters import TensorFlow (via
 # seqio) and compile.
 @pytest.mark.slow
-def test_two_processes_match_one_device(align_reference, online_reference, tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+def test_two_processes_match_one_device(align_reference, online_reference, tmp_path,
+                                        run_two_processes):
   out_path = str(tmp_path / "two_process.npz")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-  env.pop("JAX_COORDINATOR_ADDRESS", None)
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(i),
-                             os.path.abspath(__file__), out_path],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = []
-  for proc in procs:
-    try:
-      outputs.append(proc.communicate(timeout=300)[0])
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      raise
-  for i, (proc, out) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0 and f"process {i} ok" in out, out[-3000:]
-
+  run_two_processes(lambda port, i: [sys.executable, "-c", _WORKER, str(port), str(i),
+                                     os.path.abspath(__file__), out_path],
+                    timeout=300, env={"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
   ref_params, ref_history = align_reference
   with np.load(out_path) as saved:
     params = jax.tree_util.tree_map_with_path(
