@@ -380,7 +380,7 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
       golden_policy_config=golden_policy_config, steps=steps, include_sft=include_sft,
       num_kl_prompts=num_kl_prompts, num_winrate_prompts=num_winrate_prompts,
       num_classification_pairs=num_classification_pairs,
-      max_decode_length=feature_lengths.targets, pm_input_length=feature_lengths.inputs,
+      max_decode_length=feature_lengths.targets, pm_input_length=feature_lengths.pm_input_length,
       batch_size=batch_size, seed=seed, output_path=os.path.join(output_dir, "eval.jsonl"),
       save_samples=save_samples)
 

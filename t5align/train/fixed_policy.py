@@ -225,7 +225,7 @@ def fixed_policy_pairs(*, policy_a: str, policy_b: str, model_config: t5.T5Confi
 
   pm_params = jax.tree.map(jnp.asarray,
                            stages.best_checkpoint_params(golden_pm_run, golden_pm_config))
-  score_kw = dict(pm_input_length=feature_lengths.inputs, batch_size=batch_size)
+  score_kw = dict(pm_input_length=feature_lengths.pm_input_length, batch_size=batch_size)
   labels = _labels(pm_params, golden_pm_config, fmt, prompts, tokens_a, tokens_b, **score_kw)
   examples = [
       schema.PreferenceExample(

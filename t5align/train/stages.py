@@ -74,12 +74,36 @@ class Checkpointing:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureLengths:
-  """Token lengths: encoder inputs (prompts and PM inputs) and targets (responses)."""
+  """Token lengths: policy inputs (prompts), targets (responses) and PM inputs.
+
+  ``pm_inputs`` is the length of a preference model's serialised pair (prompt,
+  two responses, markers); 0 means ``inputs``. A PM input holds at most the
+  policy's prompt (``inputs``), so ``pm_inputs`` above ``inputs + 2 *
+  targets + markers`` buys nothing, and below it the prompt is cut from the
+  left for long responses. Short prompts with a longer PM input (the
+  miniature study: 32 / 72) keep the policy's encoder from attending over
+  padding.
+  """
   inputs: int = 1024
   targets: int = 128
+  pm_inputs: int = 0
+
+  def __post_init__(self):
+    if self.pm_inputs < 0:
+      raise ValueError(f"FeatureLengths.pm_inputs must be >= 0 (0: same as inputs), "
+                       f"got {self.pm_inputs}")
+
+  @property
+  def pm_input_length(self) -> int:
+    return self.pm_inputs or self.inputs
 
   def as_dict(self) -> dict:
+    """Lengths of the policy's examples (prompt, response)."""
     return {tasks.INPUTS: self.inputs, tasks.TARGETS: self.targets}
+
+  def pm_dict(self) -> dict:
+    """Lengths of the PM's examples (serialised pair, response)."""
+    return {tasks.INPUTS: self.pm_input_length, tasks.TARGETS: self.targets}
 
 
 def _say(message: str) -> None:
@@ -290,7 +314,7 @@ def sft(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size:
 
 
 def pair_format(vocabulary, lengths: FeatureLengths) -> preference_model.PairFormat:
-  return tasks.pair_format(vocabulary, lengths.as_dict()).for_model()
+  return tasks.pair_format(vocabulary, lengths.pm_dict()).for_model()
 
 
 def _ordered(arrays: dict) -> dict:
@@ -351,7 +375,7 @@ def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batc
                ckpt=checkpointing, seed=seed,
                params_fn=_params_fn(model_config, init_checkpoint, seed),
                make_step=lambda tx: steps.make_preference_step(
-                   model_config, tx, fmt, max_input_length=feature_lengths.inputs),
+                   model_config, tx, fmt, max_input_length=feature_lengths.pm_input_length),
                source=source)
   if validation_data:
     val = _ordered(_tokenized(validation_data, vocabulary, feature_lengths))
@@ -359,7 +383,7 @@ def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batc
     scores = {}
     for step in checkpoints.list_steps(ckpt_dir):
       scores[step] = preference_accuracy(checkpoints.load_params(ckpt_dir, step), model_config,
-                                         fmt, val, pm_input_length=feature_lengths.inputs,
+                                         fmt, val, pm_input_length=feature_lengths.pm_input_length,
                                          batch_size=batch_size)
       _say(f"preference: step {step} validation accuracy {scores[step]:.4f}")
     best = max(scores, key=lambda s: (scores[s], s))
@@ -392,7 +416,7 @@ def relabel(*, pm_run: str, pm_config: t5.T5Config, input_data: str, output_data
   arrays = tasks.tokenize_examples(examples, vocabulary, feature_lengths.as_dict())
   params = best_checkpoint_params(pm_run, pm_config)
   margins = preference_margins(params, pm_config, fmt, arrays["prompt"], arrays["response_a"],
-                               arrays["response_b"], pm_input_length=feature_lengths.inputs,
+                               arrays["response_b"], pm_input_length=feature_lengths.pm_input_length,
                                batch_size=batch_size)
   labels = np.asarray(preference_model.decide(jnp.asarray(margins)))
   relabelled = [dataclasses.replace(e, label=float(l), source=source_name)
@@ -461,7 +485,7 @@ def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batc
       raise ValueError("align: pair_source='online' needs train_data (prompts), pm_run, pm_config")
     settings = pair_sources.OnlineSettings(
         policy_config=policy_config, pm_config=pm_config, pair_format=pair_format(vocabulary, feature_lengths),
-        pm_input_length=feature_lengths.inputs, max_decode_length=feature_lengths.targets,
+        pm_input_length=feature_lengths.pm_input_length, max_decode_length=feature_lengths.targets,
         temperature=temperature, reduction=loss.reduction)
     prompts = _prompts(unique_prompt_examples(train_data), vocabulary, feature_lengths)
     pm_params = runtime.place_params(best_checkpoint_params(pm_run, pm_config), pm_config)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from t5align.data import mini_world
+from t5align.data import vocab
 from t5align.data import writers
 from t5align.models import t5
 from t5align.train import checkpoints
@@ -28,7 +29,8 @@ from t5align.train import steps
 CFG = t5.T5Config(vocab_size=320, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=32,
                   num_encoder_layers=1, num_decoder_layers=1, relative_attention_num_buckets=8,
                   relative_attention_max_distance=16, dtype="float32")
-LENGTHS = stages.FeatureLengths(inputs=80, targets=16)
+# Prompts (at most 26 tokens with EOS) get 32; the PM's serialised pairs 72.
+LENGTHS = stages.FeatureLengths(inputs=32, targets=16, pm_inputs=72)
 COMMON = dict(feature_lengths=LENGTHS, partitioning_config=stages.Partitioning(data=1),
               checkpointing=stages.Checkpointing(every_steps=2, keep=100))
 
@@ -83,6 +85,28 @@ def test_relabel_writes_decision_rule_labels(world):
                         source_name="golden_pm", feature_lengths=LENGTHS) == {"skipped": True}
 
 
+def test_preference_models_read_pairs_at_their_own_input_length(world, monkeypatch):
+  """Prompts are 32 wide, but relabelling serialises pairs at pm_inputs (72)."""
+  widths = []
+  real = stages.preference_margins
+
+  def spy(*args, pm_input_length, **kwargs):
+    widths.append((args[3].shape[1], pm_input_length))
+    return real(*args, pm_input_length=pm_input_length, **kwargs)
+
+  monkeypatch.setattr(stages, "preference_margins", spy)
+  stages.relabel(pm_run=str(world / "pm"), pm_config=CFG,
+                 input_data=str(world / "train.tfrecord"), output_data=str(world / "w.tfrecord"),
+                 source_name="golden_pm", feature_lengths=LENGTHS)
+  assert widths == [(32, 72)]
+  # Two 15-token responses and the markers do not fit in 32 tokens: without
+  # pm_inputs the same lengths are rejected, naming the PM input length.
+  with pytest.raises(ValueError, match="inputs length 32"):
+    stages.pair_format(vocab.get_vocabulary(), dataclasses.replace(LENGTHS, pm_inputs=0))
+  with pytest.raises(ValueError, match="pm_inputs must be >= 0"):
+    stages.FeatureLengths(pm_inputs=-1)
+
+
 def test_every_pair_source_uses_the_one_align_step(world, monkeypatch):
   calls = []
   real = steps.make_align_step
@@ -135,7 +159,8 @@ _ONLINE_SCRIPT = textwrap.dedent("""
                  batch_size=4, train_steps=6, pair_source='online', pm_run=os.path.join(d, 'pm'),
                  pm_config=cfg, train_data=os.path.join(d, 'train.tfrecord'),
                  optimizer=stages.Optimizer(learning_rate=1e-3),
-                 feature_lengths=stages.FeatureLengths(inputs={inputs}, targets={targets}),
+                 feature_lengths=stages.FeatureLengths(inputs={inputs}, targets={targets},
+                                                       pm_inputs={pm_inputs}),
                  partitioning_config=stages.Partitioning(data=1),
                  checkpointing=stages.Checkpointing(every_steps=2, keep=100))
 """)
@@ -145,7 +170,8 @@ _ONLINE_SCRIPT = textwrap.dedent("""
 def test_online_run_killed_with_sigkill_resumes_bitwise(world, tmp_path):
   script = tmp_path / "online.py"
   script.write_text(_ONLINE_SCRIPT.format(world=str(world), config=dataclasses.asdict(CFG),
-                                          inputs=LENGTHS.inputs, targets=LENGTHS.targets))
+                                          inputs=LENGTHS.inputs, targets=LENGTHS.targets,
+                                          pm_inputs=LENGTHS.pm_inputs))
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   reference = tmp_path / "reference"
   subprocess.run([sys.executable, str(script), str(reference)], check=True, env=env,
