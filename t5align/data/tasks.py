@@ -56,9 +56,12 @@ PAPER_FEATURE_LENGTHS = {INPUTS: 1024, TARGETS: 128}
 USES = ("policy", "sft", "pm", "pm_ordered")
 
 # The preference model's fixed markers and answers. Changing any of them
-# changes what every preference model was trained on.
-PM_RESPONSE_1_MARKER = "response 1:"
-PM_RESPONSE_2_MARKER = "response 2:"
+# changes what every preference model was trained on. The space before the
+# markers' colon keeps the number a word of its own; the miniature world's
+# golden PM learns much faster with it ("response 1:" measured 0.61 vs 0.70
+# held-out agreement after 800 steps, docs/mini_world.md).
+PM_RESPONSE_1_MARKER = "response 1 :"
+PM_RESPONSE_2_MARKER = "response 2 :"
 PM_QUESTION = "better response:"
 PM_TARGET_1 = "1"  # response 1 is better
 PM_TARGET_2 = "2"  # response 2 is better

@@ -70,19 +70,20 @@ def test_pair_input_budget_by_hand():
 
 
 def test_serialize_pair_text():
-  assert tasks.serialize_pair("P", "A", "B") == "P response 1: A response 2: B better response:"
+  assert tasks.serialize_pair("P", "A", "B") == "P response 1 : A response 2 : B better response:"
 
 
 def test_pair_format_with_the_mini_vocabulary(vocabulary):
   fmt = tasks.pair_format(vocabulary, LENGTHS)
   pieces = vocabulary.tokenizer.id_to_piece
-  assert [pieces(i) for i in fmt.response_1_marker] == ["▁response", "▁1", ":"]
-  assert [pieces(i) for i in fmt.response_2_marker] == ["▁response", "▁2", ":"]
+  assert [pieces(i) for i in fmt.response_1_marker] == ["▁response", "▁1", "▁", ":"]
+  assert [pieces(i) for i in fmt.response_2_marker] == ["▁response", "▁2", "▁", ":"]
   assert [pieces(i) for i in fmt.question] == ["▁better", "▁response", ":"]
   assert (pieces(fmt.target_1_id), pieces(fmt.target_2_id)) == ("▁1", "▁2")
-  assert fmt.pm_fixed_tokens == 10
+  assert fmt.pm_fixed_tokens == 12
+  tasks.pair_format(vocabulary, {"inputs": 27, "targets": 8})  # 12 + 2 x 7 + 1 prompt token
   with pytest.raises(ValueError, match="cannot hold a PM input"):
-    tasks.pair_format(vocabulary, {"inputs": 24, "targets": 8})  # needs 10 + 14 + 1 = 25
+    tasks.pair_format(vocabulary, {"inputs": 26, "targets": 8})
   with pytest.raises(ValueError, match="needs 'inputs'"):
     tasks.pair_format(vocabulary, {"inputs": 32})
 
@@ -90,8 +91,8 @@ def test_pair_format_with_the_mini_vocabulary(vocabulary):
 def test_truncation_stats_counts_by_hand(vocabulary):
   stats = tasks.truncation_stats(_examples(), vocabulary, LENGTHS)
   # Prompts > 31 tokens: 40. Responses > 7 tokens: 8, 12, 30.
-  # PM prompt budget = 32 - 10 - min(a, 7) - min(b, 7): (3,2,4) 16; (40,7,7) 8 cut;
-  # (31,8,12) 8 cut; (20,1,30) 14 cut; (12,7,6) 9 cut; (0,3,3) 16; (18,6,7) 9 cut.
+  # PM prompt budget = 32 - 12 - min(a, 7) - min(b, 7): (3,2,4) 14; (40,7,7) 6 cut;
+  # (31,8,12) 6 cut; (20,1,30) 12 cut; (12,7,6) 7 cut; (0,3,3) 14; (18,6,7) 7 cut.
   assert dataclasses.asdict(stats) == {
       "examples": 7, "prompts_truncated": 1, "responses_truncated": 3, "pm_prompts_truncated": 5,
       "max_prompt_tokens": 40, "max_response_tokens": 30}
@@ -111,12 +112,12 @@ def test_tokenize_examples_layout(vocabulary):
   np.testing.assert_array_equal(arrays["response_b"][2], encode(_words(12, 4))[:7] + [1])
   np.testing.assert_array_equal(arrays["response_a"][3], encode(_words(1, 4)) + [1] + [0] * 6)
   np.testing.assert_array_equal(arrays["label"], [1.0, 0.0, 0.5, 0.75, 0.0, 1.0, 0.25])
-  # PM input of pair 3 (prompt 20, a 1, b 30 -> 7): the prompt keeps 32 - 10 - 1 - 7 = 14 tokens.
+  # PM input of pair 3 (prompt 20, a 1, b 30 -> 7): the prompt keeps 32 - 12 - 1 - 7 = 12 tokens.
   fmt = tasks.pair_format(vocabulary, LENGTHS)
-  want_ab = (encode(_words(20, 3))[-14:] + list(fmt.response_1_marker) + encode(_words(1, 4))
+  want_ab = (encode(_words(20, 3))[-12:] + list(fmt.response_1_marker) + encode(_words(1, 4))
              + list(fmt.response_2_marker) + encode(_words(30, 5))[:7] + list(fmt.question) + [1])
   np.testing.assert_array_equal(arrays["pm_inputs_ab"][3], want_ab)
-  want_ba = (encode(_words(20, 3))[-14:] + list(fmt.response_1_marker) + encode(_words(30, 5))[:7]
+  want_ba = (encode(_words(20, 3))[-12:] + list(fmt.response_1_marker) + encode(_words(30, 5))[:7]
              + list(fmt.response_2_marker) + encode(_words(1, 4)) + list(fmt.question) + [1])
   np.testing.assert_array_equal(arrays["pm_inputs_ba"][3], want_ba)
 

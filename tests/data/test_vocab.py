@@ -55,7 +55,8 @@ def test_preference_answers_are_single_tokens(processor):
 
 def test_preference_markers_are_whole_words(processor):
   # The markers that t5align.data.tasks puts around a serialised pair.
-  for marker, pieces in (("response 1:", ["▁response", "▁1", ":"]), ("response 2:", ["▁response", "▁2", ":"]),
+  for marker, pieces in (("response 1 :", ["▁response", "▁1", "▁", ":"]),
+                         ("response 2 :", ["▁response", "▁2", "▁", ":"]),
                          ("better response:", ["▁better", "▁response", ":"])):
     assert processor.encode(marker, out_type=str) == pieces
 
