@@ -21,6 +21,11 @@ warm-up call of the same shape, best of ``--repeats``; our compile time (JAX's
 own trace + lowering + XLA compile durations of the first call) is reported
 separately. Process CPU seconds (all threads) are printed too: on a shared
 machine they are the steadier number.
+
+On a GPU machine, ``--torch_device=cuda`` runs HF on the GPU too (JAX uses its
+default backend); both then compute float32 matrix products in full float32
+(JAX ``jax_default_matmul_precision=highest``, torch without TF32), and HF
+timings synchronise the device before the clock stops.
 """
 
 import argparse
@@ -128,15 +133,18 @@ def _time_ours(params, config, prompts, args) -> tuple[tuple[float, float], floa
 
 
 def _time_hf(hf_model, prompts, args) -> tuple[float, float]:
-  input_ids = torch.from_numpy(np.asarray(prompts, np.int64))
+  input_ids = torch.from_numpy(np.asarray(prompts, np.int64)).to(args.torch_device)
 
   def run(new_tokens):
     with torch.inference_mode():
-      return hf_model.generate(
+      out = hf_model.generate(
           input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
           temperature=1.0, top_k=0, top_p=1.0, num_beams=1, max_new_tokens=new_tokens,
           min_new_tokens=new_tokens, decoder_start_token_id=t5.DECODER_START_ID,
           pad_token_id=t5.PAD_ID, eos_token_id=t5.EOS_ID)
+    if args.torch_device != "cpu":
+      torch.cuda.synchronize()
+    return out
 
   warm = run(args.response_length)  # lazy initialisation, allocator
   assert warm.shape == (len(prompts), args.response_length + 1)  # + decoder start token
@@ -158,10 +166,15 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--torch_threads", type=int, default=CORES,
                       help="torch intra-op threads (default: the cores this process may use)")
+  parser.add_argument("--torch_device", default="cpu",
+                      help="device of the HF model ('cuda' on a GPU machine)")
   args = parser.parse_args(argv)
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
   torch.set_num_threads(args.torch_threads)
+  if jax.default_backend() != "cpu":  # compare full float32 with full float32 (no TF32)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
   config = _our_config(args)
   print(f"model: T5 v1.1 random init, vocab {args.vocab_size}, emb {args.emb_dim}, "
         f"{args.num_heads} heads x {args.head_dim}, mlp {args.mlp_dim}, "
@@ -171,7 +184,8 @@ def main(argv=None) -> None:
         f"temperature 1, full softmax, best of {args.repeats} timed call(s) after a warm-up")
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
         f"({CORES} usable), "
-        f"{jax.device_count()} JAX CPU device(s), "
+        f"{jax.device_count()} JAX {jax.devices()[0].device_kind} device(s), "
+        f"torch on {args.torch_device}, "
         f"load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -186,6 +200,7 @@ def main(argv=None) -> None:
   params = jax.tree.map(jnp.asarray, params)
   print(f"converted HF -> t5align; relative logit difference "
         f"{_check_same_model(hf_model, params, config, args):.1e}")
+  hf_model.to(args.torch_device)
 
   rows = []
   for batch in batch_sizes:

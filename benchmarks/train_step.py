@@ -1,6 +1,7 @@
 """Train-step throughput, and where an online step spends its time.
 
-    python benchmarks/train_step.py [--size mini|small] [--batch 16] [--repeats 5]
+    python benchmarks/train_step.py [--size mini|small|base|large] [--batch 16] [--repeats 5]
+        [--dtype float32|bfloat16] [--prompt_len 64] [--response_len 16]
 
 Times, after a first call (reported separately: it includes compilation, except for the
 parts first called to build the inputs of the next, sampling and reference scoring):
@@ -30,7 +31,7 @@ from t5align.train import steps
 SIZES = {
     "mini": t5.T5Config(vocab_size=320, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                         num_encoder_layers=2, num_decoder_layers=2, dtype="float32"),
-    "small": dataclasses.replace(t5.T5_1_1_SIZES["small"], dtype="float32"),
+    **{name: t5.T5_1_1_SIZES[name] for name in ("small", "base", "large")},
 }
 
 
@@ -53,8 +54,9 @@ def main():
   parser.add_argument("--prompt_len", type=int, default=64)
   parser.add_argument("--response_len", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", help="activation dtype (bfloat16 on GPU/TPU)")
   args = parser.parse_args()
-  cfg = SIZES[args.size]
+  cfg = dataclasses.replace(SIZES[args.size], dtype=args.dtype)
   b, p_len, r_len = args.batch, args.prompt_len, args.response_len
   pm_len = p_len + 2 * r_len + 8
   rng = np.random.default_rng(0)
@@ -97,7 +99,8 @@ def main():
   sft_t, sft_c = _time(lambda: sft(state, {"inputs": prompt, "targets": y1})[1]["loss"],
                        args.repeats)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  size: {args.size}  "
-        f"batch: {b}  prompt: {p_len}  response: {r_len}  jax {jax.__version__}")
+        f"batch: {b}  prompt: {p_len}  response: {r_len}  dtype: {args.dtype}  "
+        f"jax {jax.__version__}")
   print(f"{'part':<28}{'ms':>10}{'share':>9}{'first call s':>11}")
   for name, (t, c) in rows.items():
     print(f"{name:<28}{t * 1e3:>10.1f}{t / online_total:>9.1%}{c:>11.1f}")
