@@ -35,6 +35,10 @@ With ``model=1`` the fsdp rules are pure FSDP (ZeRO-3): 'model' has one device.
 Multi-process runs call ``initialize_distributed`` first, build one global mesh
 with ``make_mesh``, read the block of rows ``process_data_shard`` names and
 turn it into global arrays with ``shard_batch``; see docs/sharding.md.
+
+``Placement`` bundles a mesh and a rule set with the three moves every stage
+makes, training or inference alike: parameters onto their shards, global row
+batches onto 'data', and results back to host numpy on every process.
 """
 
 import functools
@@ -42,8 +46,10 @@ import math
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import contextlib
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -382,3 +388,101 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
                        f"{first_rows}; all entries of a batch must have the same number of rows")
     out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
   return out
+
+
+class Placement:
+  """A mesh and a rule set, and how a stage's arrays move onto and off them.
+
+  Every stage, training or inference (relabelling, sampling, evaluation),
+  places its models with ``params`` (each device receives only its shards,
+  so a model larger than one device runs under ``fsdp`` / ``2d`` rules), feeds
+  fixed-size global row batches with ``rows`` (rows over 'data'), calls its
+  jitted functions inside ``context()`` (so activation constraints resolve
+  against the rules) and reads results with ``fetch``. One process or many:
+  every process passes the same global batch and gets the same numpy results.
+  """
+
+  def __init__(self, mesh: Mesh, rules):
+    self.mesh = mesh
+    self.rules = as_rules(rules)
+    self._param_shardings = {}
+
+  @classmethod
+  def create(cls, *, rules="data_parallel", data: int = -1, model: int = 1) -> "Placement":
+    """A placement on ``make_mesh(data=data, model=model)`` with the named rule set."""
+    return cls(make_mesh(data=data, model=model), rules)
+
+  @classmethod
+  def single_device(cls) -> "Placement":
+    """The first device alone (a 1 x 1 mesh): nothing is sharded."""
+    return cls.create(rules="data_parallel", data=1, model=1)
+
+  def check_batch_size(self, batch_size: int, *, what: str = "batch_size") -> None:
+    validate_batch_size(batch_size, self.mesh, what=what)
+
+  def param_shardings(self, config: t5.T5Config) -> Any:
+    if config not in self._param_shardings:
+      self._param_shardings[config] = param_shardings(config, self.mesh, self.rules)
+    return self._param_shardings[config]
+
+  def params(self, params: Any, config: t5.T5Config) -> Any:
+    """``params`` of ``config`` as float32 arrays in their shards.
+
+    Host (numpy) values go straight to the devices that hold each shard; no
+    device ever receives a whole parameter it does not keep.
+    """
+    def put(x, sharding):
+      if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+        return jax.device_put(x.astype(np.float32), sharding)  # already on devices: reshard
+      return jax.device_put(np.asarray(x, np.float32), sharding)
+    return jax.tree.map(put, params, self.param_shardings(config))
+
+  def rows(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """A global batch (the same numpy rows on every process) as arrays sharded over 'data'.
+
+    Each process hands ``shard_batch`` its own block of rows
+    (``process_data_shard``); the number of rows must divide over 'data'.
+    """
+    block, num_blocks = process_data_shard(self.mesh)
+    if num_blocks > 1:
+      rows = len(next(iter(batch.values()))) // num_blocks
+      batch = {k: np.asarray(v)[block * rows:(block + 1) * rows] for k, v in batch.items()}
+    return shard_batch(batch, self.mesh)
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and rules, around calls of jitted functions (not needed for ``jit_sharded``)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def fetch(self, tree: Any) -> Any:
+    """Results as host numpy arrays, whole, on every process."""
+    def get(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return np.asarray(x)
+    return jax.tree.map(get, tree)
+
+  def map_batches(self, fn: Callable[..., Any], arrays: Sequence[np.ndarray],
+                  batch_size: int) -> tuple[np.ndarray, ...]:
+    """Applies ``fn(batch_index, *rows)`` to fixed-size row batches; concatenates the outputs.
+
+    The rows of batch ``b`` are ``arrays[i][b * batch_size:(b + 1) * batch_size]``,
+    placed with ``rows``; ``fn`` runs inside ``context()`` and returns an array
+    or a tuple of arrays with ``batch_size`` rows, fetched with ``fetch``. The
+    last batch is filled up by repeating its final row, so every call has one
+    shape (one compilation), and the filler outputs are dropped.
+    """
+    self.check_batch_size(batch_size)
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+      raise ValueError(f"map_batches: arrays have different row counts {[len(a) for a in arrays]}")
+    parts = []
+    for b, start in enumerate(range(0, n, batch_size)):
+      index = np.minimum(np.arange(start, start + batch_size), n - 1)
+      placed = self.rows({str(i): np.asarray(a)[index] for i, a in enumerate(arrays)})
+      with self.context():
+        out = fn(b, *(placed[str(i)] for i in range(len(arrays))))
+      out = self.fetch(out if isinstance(out, tuple) else (out,))
+      parts.append([o[:min(batch_size, n - start)] for o in out])
+    return tuple(np.concatenate(column) for column in zip(*parts))

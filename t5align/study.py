@@ -194,7 +194,8 @@ class Study:
       for source, target in ((train, d_golden), (validation, d_golden_val)):
         stages.relabel(pm_run=golden_pm, pm_config=c.golden_pm_config, input_data=source,
                        output_data=target, source_name="golden_pm",
-                       batch_size=c.eval_batch_size, **self._common())
+                       batch_size=c.eval_batch_size, partitioning_config=c.partitioning,
+                       **self._common())
     self._stage("relabel", relabel)
     sft = self._stage("sft", lambda d: stages.sft(
         run_dir=d, model_config=c.policy_config, train_data=d_golden,
@@ -288,7 +289,7 @@ class Study:
                       model_config=c.policy_config, golden_pm_run=golden_pm,
                       golden_pm_config=c.golden_pm_config, prompts_data=d_golden,
                       output_data=data, batch_size=c.eval_batch_size, seed=c.seed,
-                      **self._common()))
+                      partitioning_config=c.partitioning, **self._common()))
       for lr in c.fixed_policy_learning_rates:
         run = f"fixed_{name}_lr{lr:g}"
         runs[run] = align(run, pair_source="offline", train_data=data, learning_rate=lr,
@@ -311,7 +312,7 @@ class Study:
           golden_pm_config=c.golden_pm_config, d_golden=d_golden,
           num_kl_prompts=c.num_kl_prompts, num_winrate_prompts=c.num_winrate_prompts,
           num_classification_pairs=c.num_classification_pairs, batch_size=c.eval_batch_size,
-          seed=c.seed, **self._common()))
+          seed=c.seed, partitioning_config=c.partitioning, **self._common()))
     report_lib.study_report(eval_dir=eval_dir, output_dir=self.path("report"), task=c.task)
 
 

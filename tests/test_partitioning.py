@@ -356,6 +356,46 @@ def test_sharded_greedy_samples_match_one_device(reference):
   np.testing.assert_allclose(got.policy_log_probs, expected.policy_log_probs, atol=1e-5)
 
 
+# -------------------------------------------------------------- placement ---
+
+def test_placement_sends_each_device_only_its_shards(reference):
+  host = jax.tree.map(np.asarray, reference[0])
+  placement = partitioning.Placement.create(rules="fsdp", data=2, model=4)
+  placed = placement.params(host, CFG)
+  expected = partitioning.param_shardings(CFG, placement.mesh, "fsdp")
+  for (path, leaf), want, value in zip(jax.tree_util.tree_flatten_with_path(placed)[0],
+                                       jax.tree.leaves(expected), jax.tree.leaves(host)):
+    assert leaf.sharding == want and leaf.dtype == np.float32, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(leaf), value)
+  embedding = placed["token_embedder"]["embedding"]  # (vocab, embed) -> (model, data)
+  assert {s.data.shape for s in embedding.addressable_shards} == {(128 // 4, 32 // 2)}
+  # Parameters already on a device are resharded, not copied through the host.
+  again = placement.params(jax.device_put(host), CFG)
+  assert again["token_embedder"]["embedding"].sharding == embedding.sharding
+
+
+@pytest.mark.parametrize("rules,data,model", [("fsdp", 2, 4), ("2d", 2, 4), ("data_parallel", 8, 1)])
+def test_placement_map_batches_matches_one_device(reference, rules, data, model):
+  params = reference[0]
+  batch = _batch()
+  expected = np.asarray(jax.jit(_logits)(params, batch))
+  placement = partitioning.Placement.create(rules=rules, data=data, model=model)
+  placed = placement.params(params, CFG)
+  forward = jax.jit(_logits)
+  keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
+  batch_size = 2 * data  # 8 rows: several batches, the last one filled up unless it divides
+
+  def fn(b, *rows):
+    return forward(placed, dict(zip(keys, rows))), jnp.full((batch_size,), b)
+
+  logits, index = placement.map_batches(fn, [batch[k] for k in keys], batch_size)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(index, np.arange(8) // batch_size)
+  with pytest.raises(ValueError, match=f"batch_size=3 is not divisible by the mesh 'data' axis "
+                                       f"size {data}"):
+    placement.map_batches(fn, [batch[k] for k in keys], 3)
+
+
 # ---------------------------------------------------------- multi-process ---
 
 def _multiprocess_worker(port: int, process_id: int) -> None:
@@ -391,6 +431,18 @@ def _multiprocess_worker(port: int, process_id: int) -> None:
   assert len(logits.addressable_shards) == 4
   for shard in logits.addressable_shards:
     np.testing.assert_allclose(shard.data, expected[shard.index], rtol=1e-5, atol=1e-5)
+
+  # A Placement: host parameters onto the global mesh, global row batches in,
+  # whole numpy results out on both processes.
+  placement = partitioning.Placement(mesh, "fsdp")
+  placed = placement.params(jax.tree.map(np.asarray, full_params), config)
+  forward_global = jax.jit(logits_fn)
+  keys = sorted(full)
+  (gathered,) = placement.map_batches(
+      lambda _, *rows: forward_global(placed, dict(zip(keys, rows))), [full[k] for k in keys],
+      batch_size=4)
+  assert isinstance(gathered, np.ndarray) and gathered.shape == expected.shape
+  np.testing.assert_allclose(gathered, expected, rtol=1e-5, atol=1e-5)
   print(f"process {process_id} ok", flush=True)
 
 

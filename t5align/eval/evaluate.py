@@ -34,6 +34,12 @@ for every checkpoint.
 Batches have one fixed shape: the last batch is filled up by repeating its
 final row and the filler outputs are dropped, so each function compiles once.
 
+Placement. The policies and the golden PM are placed on the mesh of a
+``partitioning.Placement`` (default: one device) with its rule set, so a judge
+or policy larger than one device is evaluated sharded (e.g. fsdp); every batch
+of ``batch_size`` rows is split over the mesh's 'data' axis. Results do not
+depend on the placement: samples are drawn per row (``t5align.sampling``).
+
 Files. Rows go to ``output_path`` (JSONL, rewritten atomically after every
 row) and to a CSV with the same stem. A checkpoint that cannot be loaded, or
 whose parameters do not match ``policy_config``, is reported on the progress
@@ -56,6 +62,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from t5align import partitioning
 from t5align import sampling
 from t5align.models import preference
 from t5align.models import t5
@@ -147,6 +154,7 @@ def evaluate_run(*, run_dir: Optional[str] = None, checkpoint_dir: Optional[str]
                  num_classification_pairs: int = 256, max_decode_length: int = 128,
                  pm_input_length: int = 1024, batch_size: int = 32, seed: int = 0,
                  output_path: Optional[str] = None, save_samples: bool = False,
+                 placement: Optional[partitioning.Placement] = None,
                  progress: Callable[[str], None] = print) -> list[dict]:
   """Evaluates every (or the chosen) checkpoint of a run; see the module docstring.
 
@@ -182,6 +190,8 @@ def evaluate_run(*, run_dir: Optional[str] = None, checkpoint_dir: Optional[str]
     output_path: the JSONL file of rows; None = ``<run_dir>/eval/eval.jsonl``.
     save_samples: also write each step's prompt indices, samples and
       per-example values to ``<stem>.samples/step_<step>.npz``.
+    placement: the mesh and rule set every model is placed on; None = one
+      device. ``batch_size`` must divide over its 'data' axis.
     progress: receives one line per event.
 
   Returns:
@@ -213,6 +223,8 @@ def evaluate_run(*, run_dir: Optional[str] = None, checkpoint_dir: Optional[str]
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   if not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+  placement = placement or partitioning.Placement.single_device()
+  placement.check_batch_size(batch_size)
   # The judge's serialisation raises now, not after the first checkpoint, if two
   # samples and the markers cannot fit in its input.
   jax.eval_shape(functools.partial(preference.serialize_pair, fmt=pair_format,
@@ -286,13 +298,14 @@ def evaluate_run(*, run_dir: Optional[str] = None, checkpoint_dir: Optional[str]
           golden_pm_config=golden_pm_config, pair_format=pair_format, prompts=prompts,
           sft_params=sft_params, golden_policy_params=golden_policy_params,
           golden_pm_params=golden_pm_params, d_golden_pairs=d_golden_pairs,
-          online_stream_pairs=online_stream_pairs, settings=settings, progress=progress)
+          online_stream_pairs=online_stream_pairs, settings=settings, placement=placement,
+          progress=progress)
     progress(f"{tag}: {where}: KL on {counts['num_kl_prompts']} prompts, win rate on "
              f"{counts['num_winrate_prompts']} prompts, accuracy on "
              f"{counts['num_classification_pairs']} D_golden pairs"
              + (f" and {counts['num_online_pairs']} online pairs" if counts["num_online_pairs"]
                 else ""))
-    metrics, arrays = context.evaluate(jax.device_put(params))
+    metrics, arrays = context.evaluate(placement.params(params, policy_config))
     row = {"step": int(step), "checkpoint": where, **metrics, **settings,
            "eval_seconds": round(time.time() - started, 3)}
     rows = [r for r in rows if r["step"] != step] + [row]
@@ -322,7 +335,8 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
                    feature_lengths=None, steps: Optional[Sequence[int]] = None,
                    include_sft: bool = True, num_kl_prompts: int = 256,
                    num_winrate_prompts: int = 2048, num_classification_pairs: int = 256,
-                   batch_size: int = 32, seed: int = 0, save_samples: bool = False) -> list[dict]:
+                   batch_size: int = 32, seed: int = 0, save_samples: bool = False,
+                   partitioning_config=None) -> list[dict]:
   """``t5align eval``: ``evaluate_run`` on the files the training stages write.
 
   Reads the SFT and golden-policy parameters from their run (or imported
@@ -334,7 +348,9 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
   ``num_classification_pairs`` pairs, kept in ``<output_dir>/online_pairs.npz``
   for later reruns). Writes ``<output_dir>/eval.jsonl`` and its companions.
   ``feature_lengths`` (``stages.FeatureLengths``) gives the judge's input
-  length and the sample length.
+  length and the sample length; ``partitioning_config``
+  (``stages.Partitioning``, default all devices data parallel) the mesh and
+  rule set the models are placed on.
   """
   # The data pipeline (TensorFlow, SentencePiece) is only needed here.
   from t5align.data import tasks  # pylint: disable=g-import-not-at-top
@@ -343,6 +359,7 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
   from t5align.train import pair_sources  # pylint: disable=g-import-not-at-top
   from t5align.train import stages  # pylint: disable=g-import-not-at-top
   feature_lengths = feature_lengths or stages.FeatureLengths()
+  placement = (partitioning_config or stages.Partitioning()).placement()
   golden_policy_config = golden_policy_config or policy_config
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
   arrays = tasks.tokenize_examples(writers.read_examples(d_golden), vocabulary,
@@ -382,7 +399,7 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
       num_classification_pairs=num_classification_pairs,
       max_decode_length=feature_lengths.targets, pm_input_length=feature_lengths.pm_input_length,
       batch_size=batch_size, seed=seed, output_path=os.path.join(output_dir, "eval.jsonl"),
-      save_samples=save_samples)
+      save_samples=save_samples, placement=placement)
 
 
 def _stream_sample(batches, k: int, *, seed: int) -> Optional[dict[str, np.ndarray]]:
@@ -413,13 +430,14 @@ class _Context:
 
   def __init__(self, *, policy_config, golden_policy_config, golden_pm_config, pair_format,
                prompts, sft_params, golden_policy_params, golden_pm_params, d_golden_pairs,
-               online_stream_pairs, settings, progress):
+               online_stream_pairs, settings, placement, progress):
     self.policy_config = policy_config
     self.golden_pm_config = golden_pm_config
     self.pair_format = pair_format
     self.settings = settings
-    self.sft_params = jax.device_put(sft_params)
-    self.golden_pm_params = jax.device_put(golden_pm_params)
+    self.placement = placement
+    self.sft_params = placement.params(sft_params, policy_config)
+    self.golden_pm_params = placement.params(golden_pm_params, golden_pm_config)
     seed, batch_size = settings["seed"], settings["batch_size"]
     num_prompts = prompts.shape[0]
     self.kl_indices = subset_indices(num_prompts, settings["num_kl_prompts"], seed=seed,
@@ -437,13 +455,14 @@ class _Context:
       indices = subset_indices(pairs["prompt"].shape[0], count, seed=seed, purpose=purpose)
       chosen_subset = {field: pairs[field][indices] for field in PAIR_FIELDS}
       progress(f"eval: SFT log-probs of {len(indices)} {name} pairs (computed once)")
-      sft_logprobs = _pair_logprobs(self.sft_params, policy_config, chosen_subset, batch_size)
+      sft_logprobs = _pair_logprobs(self.sft_params, policy_config, chosen_subset, batch_size,
+                                    placement)
       self.pair_sets[name] = (indices, chosen_subset, sft_logprobs)
     progress(f"eval: golden-policy samples for {len(self.winrate_indices)} prompts "
              "(drawn once, reused for every checkpoint)")
-    golden_params = jax.device_put(golden_policy_params)
+    golden_params = placement.params(golden_policy_params, golden_policy_config)
     golden_key = purpose_key(seed, "golden_samples")
-    (self.golden_samples,) = _map_batches(
+    (self.golden_samples,) = placement.map_batches(
         lambda b, x: _draw(golden_params, golden_policy_config, x, golden_key, b,
                            settings["max_decode_length"]).tokens,
         [self.winrate_prompts], batch_size)
@@ -458,7 +477,7 @@ class _Context:
       y = _draw(params, config, x, kl_key, b, length).tokens
       return y, sampling.per_token_kl(params, self.sft_params, x, y, config=config)
 
-    kl_samples, kl_values = _map_batches(kl_batch, [self.kl_prompts], batch_size)
+    kl_samples, kl_values = self.placement.map_batches(kl_batch, [self.kl_prompts], batch_size)
     kl_values = kl_values.astype(np.float64)
 
     policy_key = purpose_key(settings["seed"], "policy_samples")
@@ -470,7 +489,7 @@ class _Context:
                               max_length=settings["pm_input_length"])
       return drawn.tokens, drawn.lengths, margin
 
-    policy_samples, lengths, margins = _map_batches(
+    policy_samples, lengths, margins = self.placement.map_batches(
         win_batch, [self.winrate_prompts, self.golden_samples], batch_size)
     wins = np.asarray(preference.decide(margins), np.float64)
 
@@ -485,7 +504,7 @@ class _Context:
               "policy_samples": policy_samples, "golden_samples": self.golden_samples,
               "margins": margins, "wins": wins}
     for name, (indices, pairs, sft_logprobs) in self.pair_sets.items():
-      policy_logprobs = _pair_logprobs(params, config, pairs, batch_size)
+      policy_logprobs = _pair_logprobs(params, config, pairs, batch_size, self.placement)
       f, result = _classify(policy_logprobs, sft_logprobs, pairs["label"])
       metrics[f"accuracy_{name}"] = result["accuracy"]
       if name == "d_golden":
@@ -527,29 +546,13 @@ def _golden_margin(pm_params, prompt, response, golden_response, *, config, fmt,
                                          golden_response, max_length)["margin"]
 
 
-def _pair_logprobs(params, config, pairs, batch_size) -> tuple[np.ndarray, np.ndarray]:
+def _pair_logprobs(params, config, pairs, batch_size, placement) -> tuple[np.ndarray, np.ndarray]:
   """Summed sequence log-probs ``([M], [M])`` of the chosen and rejected responses."""
   def batch(_, x, chosen, rejected):
     return (sampling.sequence_logprobs(params, x, chosen, config=config),
             sampling.sequence_logprobs(params, x, rejected, config=config))
-  return _map_batches(batch, [pairs["prompt"], pairs["chosen"], pairs["rejected"]], batch_size)
-
-
-def _map_batches(fn, arrays: Sequence[np.ndarray], batch_size: int) -> tuple[np.ndarray, ...]:
-  """Applies ``fn(batch_index, *rows)`` to fixed-size row batches; concatenates the outputs.
-
-  The last batch is filled up to ``batch_size`` by repeating the final row, so
-  every call has one shape; the outputs of the filler rows are dropped.
-  ``fn`` returns an array or a tuple of arrays with ``batch_size`` rows.
-  """
-  n = arrays[0].shape[0]
-  parts = []
-  for b, start in enumerate(range(0, n, batch_size)):
-    index = np.minimum(np.arange(start, start + batch_size), n - 1)
-    out = fn(b, *(a[index] for a in arrays))
-    out = out if isinstance(out, tuple) else (out,)
-    parts.append([np.asarray(o)[:min(batch_size, n - start)] for o in out])
-  return tuple(np.concatenate(column) for column in zip(*parts))
+  return placement.map_batches(batch, [pairs["prompt"], pairs["chosen"], pairs["rejected"]],
+                               batch_size)
 
 
 def _resolve_checkpoint_dir(run_dir, checkpoint_dir) -> str:

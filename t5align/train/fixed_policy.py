@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5align import partitioning
 from t5align import sampling
 from t5align.data import schema
 from t5align.data import tasks
@@ -121,17 +122,18 @@ def _load(policy: _Policy, config: t5.T5Config):
 
 
 def _sample_all(params, prompts: np.ndarray, *, config: t5.T5Config, key, batch_size: int,
-                max_decode_length: int, temperature: float) -> np.ndarray:
-  """One response per prompt: int32 ``[N, max_decode_length]``, 0 after EOS."""
-  params = jax.tree.map(jnp.asarray, params)  # onto the device once, not per batch
-  n, out = len(prompts), []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n  # fixed shapes: one compilation
-    result = sampling.sample(params, jnp.asarray(prompts[idx]), config=config,
-                             rng=jax.random.fold_in(key, start),
-                             max_decode_length=max_decode_length, temperature=temperature)
-    out.append(np.asarray(result.tokens)[: min(batch_size, n - start)])
-  return np.concatenate(out)
+                max_decode_length: int, temperature: float,
+                placement: partitioning.Placement) -> np.ndarray:
+  """One response per prompt: int32 ``[N, max_decode_length]``, 0 after EOS.
+
+  ``params`` are placed by ``placement``; the batch starting at prompt ``i``
+  draws with ``fold_in(key, i)``.
+  """
+  def draw(b, x):
+    return sampling.sample(params, x, config=config, rng=jax.random.fold_in(key, b * batch_size),
+                           max_decode_length=max_decode_length, temperature=temperature).tokens
+  (tokens,) = placement.map_batches(draw, [prompts], batch_size)
+  return tokens
 
 
 def _response_ids(row: np.ndarray) -> list[int]:
@@ -141,9 +143,10 @@ def _response_ids(row: np.ndarray) -> list[int]:
 
 
 def _labels(pm_params, pm_config, fmt, prompt, response_a, response_b, *, pm_input_length,
-            batch_size) -> np.ndarray:
+            batch_size, placement) -> np.ndarray:
   margins = stages.preference_margins(pm_params, pm_config, fmt, prompt, response_a, response_b,
-                                      pm_input_length=pm_input_length, batch_size=batch_size)
+                                      pm_input_length=pm_input_length, batch_size=batch_size,
+                                      placement=placement)
   return np.asarray(preference_model.decide(jnp.asarray(margins)))
 
 
@@ -162,6 +165,7 @@ def fixed_policy_pairs(*, policy_a: str, policy_b: str, model_config: t5.T5Confi
                        step_b: Optional[int] = None, batch_size: int = 32,
                        temperature: float = 1.0, vocabulary_path: Optional[str] = None,
                        feature_lengths: stages.FeatureLengths = stages.FeatureLengths(),
+                       partitioning_config: stages.Partitioning = stages.Partitioning(),
                        seed: int = 0, source_name: Optional[str] = None) -> dict:
   """Writes one golden-labelled pair (a from ``policy_a``, b from ``policy_b``) per prompt.
 
@@ -181,7 +185,10 @@ def fixed_policy_pairs(*, policy_a: str, policy_b: str, model_config: t5.T5Confi
     temperature: sampling temperature (1.0: the policy itself; 0 is greedy, so
       both sides of one checkpoint would then coincide).
     vocabulary_path: SentencePiece model; None = the mini vocabulary.
-    feature_lengths: prompt length L (also the PM input length) and response length T.
+    feature_lengths: prompt length L, response length T and the PM input length.
+    partitioning_config: the mesh and rule set the policies and the golden PM
+      are placed on (one model at a time); ``batch_size`` must divide over its
+      'data' axis.
     seed: the dataset's randomness (see the module docstring).
     source_name: the examples' ``source``; default
       ``"golden_pm:<name_a>-vs-<name_b>"`` with names like ``online_ipo@800``.
@@ -195,6 +202,8 @@ def fixed_policy_pairs(*, policy_a: str, policy_b: str, model_config: t5.T5Confi
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
   lengths = feature_lengths.as_dict()
   fmt = stages.pair_format(vocabulary, feature_lengths)
+  placement = partitioning_config.placement()
+  placement.check_batch_size(batch_size)
   firsts = stages.unique_prompt_examples(prompts_data)
   prompts = tasks.tokenize_examples(firsts, vocabulary, lengths)["prompt"]
   side_a, side_b = _resolve(policy_a, step_a, "a"), _resolve(policy_b, step_b, "b")
@@ -203,12 +212,13 @@ def fixed_policy_pairs(*, policy_a: str, policy_b: str, model_config: t5.T5Confi
 
   # One model resident at a time: policy a, policy b (unless the same), then the PM.
   key = jax.random.key(seed)
-  sample_kw = dict(config=model_config, batch_size=batch_size,
+  sample_kw = dict(config=model_config, batch_size=batch_size, placement=placement,
                    max_decode_length=feature_lengths.targets, temperature=temperature)
-  params = _load(side_a, model_config)
+  params = placement.params(_load(side_a, model_config), model_config)
   tokens_a = _sample_all(params, prompts, key=jax.random.fold_in(key, 0), **sample_kw)
   if side_b != side_a:
-    params = _load(side_b, model_config)
+    del params
+    params = placement.params(_load(side_b, model_config), model_config)
   tokens_b = _sample_all(params, prompts, key=jax.random.fold_in(key, 1), **sample_kw)
   del params
 
@@ -223,9 +233,10 @@ def fixed_policy_pairs(*, policy_a: str, policy_b: str, model_config: t5.T5Confi
   rows = np.flatnonzero(kept)
   prompts, tokens_a, tokens_b = prompts[rows], tokens_a[rows], tokens_b[rows]
 
-  pm_params = jax.tree.map(jnp.asarray,
-                           stages.best_checkpoint_params(golden_pm_run, golden_pm_config))
-  score_kw = dict(pm_input_length=feature_lengths.pm_input_length, batch_size=batch_size)
+  pm_params = placement.params(stages.best_checkpoint_params(golden_pm_run, golden_pm_config),
+                               golden_pm_config)
+  score_kw = dict(pm_input_length=feature_lengths.pm_input_length, batch_size=batch_size,
+                  placement=placement)
   labels = _labels(pm_params, golden_pm_config, fmt, prompts, tokens_a, tokens_b, **score_kw)
   examples = [
       schema.PreferenceExample(

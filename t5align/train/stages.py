@@ -11,14 +11,12 @@ start from random parameters, from a t5align checkpoint directory, or from an
 imported Hugging Face / T5X checkpoint (``init_checkpoint``).
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +45,9 @@ class Partitioning:
   rules: str = "data_parallel"
   data: int = -1
   model: int = 1
+
+  def placement(self) -> partitioning.Placement:
+    return partitioning.Placement.create(rules=self.rules, data=self.data, model=self.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,27 +145,22 @@ def checked_params(params, config: t5.T5Config, *, where: str):
 
 
 class _Runtime:
-  """Mesh, rules and the sharded train state of one training stage."""
+  """The placement and the sharded train state of one training stage."""
 
   def __init__(self, config: t5.T5Config, part: Partitioning, batch_size: int):
     self.config = config
-    self.mesh = partitioning.make_mesh(data=part.data, model=part.model)
-    self.rules = partitioning.get_rules(part.rules)
-    partitioning.validate_batch_size(batch_size, self.mesh)
-    self.param_shardings = partitioning.param_shardings(config, self.mesh, self.rules)
+    self.placement = part.placement()
+    self.mesh, self.rules = self.placement.mesh, self.placement.rules
+    self.placement.check_batch_size(batch_size)
+    self.param_shardings = self.placement.param_shardings(config)
 
   def place_params(self, params, config: Optional[t5.T5Config] = None):
     """Parameters of ``config`` (default: this runtime's model) placed in their shards."""
-    shardings = (self.param_shardings if config is None or config == self.config
-                 else partitioning.param_shardings(config, self.mesh, self.rules))
-    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), params,
-                        shardings)
+    return self.placement.params(params, config or self.config)
 
-  @contextlib.contextmanager
   def context(self):
     """Mesh and logical-axis rules, for jitted functions called outside ``jit_step``."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
+    return self.placement.context()
 
   def state_shardings(self, abstract_state):
     """Shardings of a train state: optimizer slots follow their parameter.
@@ -218,16 +214,11 @@ class _ShardedSource:
   the configured batch size whatever the number of processes.
   """
 
-  def __init__(self, source, mesh):
-    self.source, self.mesh = source, mesh
-    self.block, self.num_blocks = partitioning.process_data_shard(mesh)
+  def __init__(self, source, placement: partitioning.Placement):
+    self.source, self.placement = source, placement
 
   def next_batch(self, state):
-    batch = self.source.next_batch(state)
-    if self.num_blocks > 1:
-      rows = len(next(iter(batch.values()))) // self.num_blocks
-      batch = {k: v[self.block * rows:(self.block + 1) * rows] for k, v in batch.items()}
-    return partitioning.shard_batch(batch, self.mesh)
+    return self.placement.rows(self.source.next_batch(state))
 
   def get_state(self):
     return self.source.get_state()
@@ -261,7 +252,7 @@ def _run(*, run_dir: str, config: t5.T5Config, part: Partitioning, batch_size: i
   try:
     return loop.train(run_dir=run_dir, total_steps=train_steps, init_state=init_state,
                       abstract_state=abstract_state, step_fn=step_fn,
-                      data=_ShardedSource(source, runtime.mesh), checkpointer=checkpointer,
+                      data=_ShardedSource(source, runtime.placement), checkpointer=checkpointer,
                       metrics=writer)
   finally:
     checkpointer.close()
@@ -323,11 +314,12 @@ def _ordered(arrays: dict) -> dict:
 
 
 def preference_accuracy(params, config: t5.T5Config, fmt: preference_model.PairFormat, pairs: dict, *,
-                        pm_input_length: int, batch_size: int) -> float:
-  """Decision-rule accuracy of a PM on (chosen, rejected, label) pairs."""
+                        pm_input_length: int, batch_size: int,
+                        placement: partitioning.Placement) -> float:
+  """Decision-rule accuracy of a PM (placed by ``placement``) on (chosen, rejected, label) pairs."""
   margins = preference_margins(params, config, fmt, pairs["prompt"], pairs["chosen"],
                                pairs["rejected"], pm_input_length=pm_input_length,
-                               batch_size=batch_size)
+                               batch_size=batch_size, placement=placement)
   predicted = np.asarray(preference_model.decide(jnp.asarray(margins)))
   return float(np.mean(np.asarray(preference_model.agreement(predicted, pairs["label"]))))
 
@@ -339,15 +331,16 @@ def _margins(params, prompt, response_1, response_2, *, config, fmt, pm_input_le
 
 
 def preference_margins(params, config, fmt, prompt, response_1, response_2, *, pm_input_length,
-                       batch_size) -> np.ndarray:
-  """Decision-rule margins r(x,y1,y2) - r(x,y2,y1) for every row, in fixed-shape batches."""
+                       batch_size, placement: partitioning.Placement) -> np.ndarray:
+  """Decision-rule margins r(x,y1,y2) - r(x,y2,y1) for every row, in fixed-shape batches.
+
+  ``params`` are the PM's, placed with ``placement.params``; rows are fed over
+  the placement's 'data' axis (``batch_size`` must divide over it).
+  """
   fn = functools.partial(_margins, config=config, fmt=fmt, pm_input_length=pm_input_length)
-  n, out = len(prompt), []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n
-    out.append(np.asarray(fn(params, prompt[idx], response_1[idx], response_2[idx]))[
-        : min(batch_size, n - start)])
-  return np.concatenate(out)
+  (margins,) = placement.map_batches(lambda _, *rows: fn(params, *rows),
+                                     [prompt, response_1, response_2], batch_size)
+  return margins
 
 
 def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size: int,
@@ -380,11 +373,13 @@ def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batc
   if validation_data:
     val = _ordered(_tokenized(validation_data, vocabulary, feature_lengths))
     ckpt_dir = os.path.join(run_dir, CHECKPOINT_SUBDIR)
+    placement = partitioning_config.placement()
     scores = {}
     for step in checkpoints.list_steps(ckpt_dir):
-      scores[step] = preference_accuracy(checkpoints.load_params(ckpt_dir, step), model_config,
-                                         fmt, val, pm_input_length=feature_lengths.pm_input_length,
-                                         batch_size=batch_size)
+      params = placement.params(checkpoints.load_params(ckpt_dir, step), model_config)
+      scores[step] = preference_accuracy(params, model_config, fmt, val,
+                                         pm_input_length=feature_lengths.pm_input_length,
+                                         batch_size=batch_size, placement=placement)
       _say(f"preference: step {step} validation accuracy {scores[step]:.4f}")
     best = max(scores, key=lambda s: (scores[s], s))
     _write_json_atomic(os.path.join(run_dir, "best_checkpoint.json"),
@@ -405,19 +400,27 @@ def best_checkpoint_params(run_dir: str, config: t5.T5Config):
 
 def relabel(*, pm_run: str, pm_config: t5.T5Config, input_data: str, output_data: str,
             source_name: str, batch_size: int = 32, vocabulary_path: Optional[str] = None,
-            feature_lengths: FeatureLengths = FeatureLengths()) -> dict:
-  """Relabels every pair with a PM and the decision rule (e.g. D_initial -> D_golden)."""
+            feature_lengths: FeatureLengths = FeatureLengths(),
+            partitioning_config: Partitioning = Partitioning()) -> dict:
+  """Relabels every pair with a PM and the decision rule (e.g. D_initial -> D_golden).
+
+  The PM is placed on the mesh of ``partitioning_config`` (e.g. fsdp for a
+  golden PM larger than one device) and pairs are scored ``batch_size`` at a
+  time over its 'data' axis.
+  """
   if os.path.exists(output_data):
     _say(f"relabel: {output_data} exists; nothing to do")
     return {"skipped": True}
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
   fmt = pair_format(vocabulary, feature_lengths)
+  placement = partitioning_config.placement()
+  placement.check_batch_size(batch_size)
   examples = writers.read_examples(input_data)
   arrays = tasks.tokenize_examples(examples, vocabulary, feature_lengths.as_dict())
-  params = best_checkpoint_params(pm_run, pm_config)
+  params = placement.params(best_checkpoint_params(pm_run, pm_config), pm_config)
   margins = preference_margins(params, pm_config, fmt, arrays["prompt"], arrays["response_a"],
                                arrays["response_b"], pm_input_length=feature_lengths.pm_input_length,
-                               batch_size=batch_size)
+                               batch_size=batch_size, placement=placement)
   labels = np.asarray(preference_model.decide(jnp.asarray(margins)))
   relabelled = [dataclasses.replace(e, label=float(l), source=source_name)
                 for e, l in zip(examples, labels)]
@@ -516,27 +519,37 @@ def align(*, run_dir: str, policy_config: t5.T5Config, sft_checkpoint: str, batc
 def sample(*, checkpoint: str, model_config: t5.T5Config, prompts_data: str, output_data: str,
            num_samples: int = 1, batch_size: int = 32, temperature: float = 1.0,
            vocabulary_path: Optional[str] = None,
-           feature_lengths: FeatureLengths = FeatureLengths(), seed: int = 0) -> int:
-  """Writes ``num_samples`` responses per prompt of ``prompts_data`` as JSON lines."""
+           feature_lengths: FeatureLengths = FeatureLengths(),
+           partitioning_config: Partitioning = Partitioning(), seed: int = 0) -> int:
+  """Writes ``num_samples`` responses per prompt of ``prompts_data`` as JSON lines.
+
+  The policy is placed on the mesh of ``partitioning_config``; ``batch_size``
+  prompts (a multiple of its 'data' axis) are sampled per call, the batch
+  starting at prompt ``i`` with ``fold_in(key(seed), i)``.
+  """
   from t5align import sampling  # pylint: disable=g-import-not-at-top
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
-  params = load_params(checkpoint, model_config)
+  placement = partitioning_config.placement()
+  placement.check_batch_size(batch_size)
+  params = placement.params(load_params(checkpoint, model_config), model_config)
   unique = unique_prompt_examples(prompts_data)
   prompts = _prompts(unique, vocabulary, feature_lengths)
   texts = [e.prompt for e in unique]
-  rows = []
-  for start in range(0, len(prompts), batch_size):
-    idx = np.arange(start, start + batch_size) % len(prompts)
-    out = sampling.sample(params, jnp.asarray(prompts[idx]), config=model_config,
-                          rng=jax.random.fold_in(jax.random.key(seed), start),
+
+  def draw(b, x):
+    out = sampling.sample(params, x, config=model_config,
+                          rng=jax.random.fold_in(jax.random.key(seed), b * batch_size),
                           num_samples=num_samples, max_decode_length=feature_lengths.targets,
                           temperature=temperature)
-    tokens = np.asarray(out.tokens)
-    for i in range(min(batch_size, len(prompts) - start)):
-      for j in range(num_samples):
-        ids = [int(t) for t in tokens[i * num_samples + j] if t not in (0, 1)]
-        rows.append({"prompt": texts[start + i], "sample": j,
-                     "response": vocabulary.decode(ids), "tokens": ids})
+    return out.tokens.reshape(batch_size, num_samples, -1)  # rows are grouped per prompt
+
+  (tokens,) = placement.map_batches(draw, [prompts], batch_size)
+  rows = []
+  for i, prompt_tokens in enumerate(tokens):
+    for j, sample_tokens in enumerate(prompt_tokens):
+      ids = [int(t) for t in sample_tokens if t not in (0, 1)]
+      rows.append({"prompt": texts[i], "sample": j, "response": vocabulary.decode(ids),
+                   "tokens": ids})
   tmp = f"{output_data}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     for row in rows:

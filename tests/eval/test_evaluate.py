@@ -300,6 +300,32 @@ def test_bad_inputs_raise_clear_errors(world, tmp_path):
                           **{**kwargs, "sft_params": {"token_embedder": {}}})
 
 
+def test_sharded_evaluation_matches_one_device(world, tmp_path):
+  """Every model placed fsdp over a 4 x 2 mesh: the rows and samples of one device."""
+  from t5align import partitioning  # pylint: disable=g-import-not-at-top
+  placement = partitioning.Placement.create(rules="fsdp", data=4, model=2)
+  output = str(tmp_path / "sharded.jsonl")
+  (row,) = evaluate.evaluate_run(run_dir=world["run_dir"], steps=[OTHER_STEP], output_path=output,
+                                 save_samples=True, placement=placement, progress=lambda _: None,
+                                 **world["kwargs"])
+  want = world["by_step"][OTHER_STEP]
+  for field in ("win_rate", "win_rate_ties", "response_length", "accuracy_d_golden",
+                "accuracy_online", "num_kl_prompts", "num_winrate_prompts"):
+    assert row[field] == want[field], field
+  for field in ("kl", "drift_winner", "drift_loser"):
+    assert row[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
+  with np.load(os.path.join(evaluate.output_paths(output)["samples"], f"step_{OTHER_STEP}.npz")) as z:
+    got = dict(z)
+  reference = samples_of(world, OTHER_STEP)
+  for key in ("kl_samples", "policy_samples", "golden_samples", "wins"):
+    np.testing.assert_array_equal(got[key], reference[key], err_msg=key)
+  np.testing.assert_allclose(got["margins"], reference["margins"], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="batch_size=62 is not divisible"):
+    evaluate.evaluate_run(run_dir=world["run_dir"], output_path=str(tmp_path / "x.jsonl"),
+                          placement=placement, progress=lambda _: None,
+                          **{**world["kwargs"], "batch_size": 62})
+
+
 def test_evaluate_stage_reads_run_files(tmp_path):
   """The ``t5align eval`` entry point on mini-world files and saved runs, at tiny sizes."""
   from t5align.data import mini_world

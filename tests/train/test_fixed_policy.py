@@ -243,3 +243,20 @@ def test_existing_output_is_not_overwritten(world, built):
       prompts_data=str(d / "prompts.tfrecord"), output_data=path, feature_lengths=LENGTHS)
   assert summary == {"skipped": True}
   assert open(path, "rb").read() == before
+
+
+def test_sharded_placement_builds_the_same_dataset(world, built, tmp_path):
+  """One device and fsdp over 4 x 2 give the dataset the default (8 x 1 data parallel) built."""
+  d, _ = world
+  _, reference = built["100-vs-200"]
+  for name, part in (("one", stages.Partitioning(data=1)),
+                     ("fsdp", stages.Partitioning(rules="fsdp", data=4, model=2))):
+    path = str(tmp_path / f"{name}.tfrecord")
+    fixed_policy.fixed_policy_pairs(
+        policy_a=str(d / "sft"), step_a=100, policy_b=str(d / "sft"), model_config=CFG,
+        golden_pm_run=str(d / "golden"), golden_pm_config=CFG,
+        prompts_data=str(d / "prompts.tfrecord"), output_data=path, batch_size=16,
+        feature_lengths=LENGTHS, partitioning_config=part)
+    assert writers.read_examples(path) == writers.read_examples(reference), name
+    for got, want in zip(_tokens(path), _tokens(reference)):
+      np.testing.assert_array_equal(got, want)

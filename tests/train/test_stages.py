@@ -207,7 +207,8 @@ def test_sample_stage_writes_responses_per_prompt(world):
   out = world / "samples.jsonl"
   n = stages.sample(checkpoint=str(world / "sft"), model_config=CFG,
                     prompts_data=str(world / "val.tfrecord"), output_data=str(out), num_samples=2,
-                    batch_size=4, feature_lengths=LENGTHS)
+                    batch_size=4, feature_lengths=LENGTHS,
+                    partitioning_config=stages.Partitioning(data=1))
   import json  # pylint: disable=g-import-not-at-top
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   prompts = list(dict.fromkeys(e.prompt for e in writers.read_examples(str(world / "val.tfrecord"))))
@@ -234,3 +235,32 @@ def test_pair_files_prefer_their_exact_token_side_file(world, tmp_path):
   np.savez(writers.tokens_path(path), **too_wide)
   with pytest.raises(ValueError, match="prompt"):
     stages._tokenized(path, vocabulary, LENGTHS)  # pylint: disable=protected-access
+
+
+def test_inference_stages_give_one_device_results_when_sharded(world, tmp_path):
+  """Relabel and sample with the PM / policy sharded fsdp over a 4 x 2 mesh (8 fake devices)."""
+  one_device = stages.Partitioning(data=1)
+  fsdp = stages.Partitioning(rules="fsdp", data=4, model=2)
+  labels = {}
+  for name, part in (("one", one_device), ("fsdp", fsdp)):
+    out = str(tmp_path / f"relabel_{name}.tfrecord")
+    stages.relabel(pm_run=str(world / "pm"), pm_config=CFG, input_data=str(world / "train.tfrecord"),
+                   output_data=out, source_name="golden_pm", batch_size=16,
+                   feature_lengths=LENGTHS, partitioning_config=part)
+    labels[name] = [e.label for e in writers.read_examples(out)]
+  assert labels["fsdp"] == labels["one"]
+  assert 0 < np.mean(np.asarray(labels["one"]) == 1.0) < 1  # a PM that really decides both ways
+
+  samples = {}
+  for name, part in (("one", one_device), ("fsdp", fsdp)):
+    out = tmp_path / f"samples_{name}.jsonl"
+    stages.sample(checkpoint=str(world / "sft"), model_config=CFG,
+                  prompts_data=str(world / "val.tfrecord"), output_data=str(out), num_samples=2,
+                  batch_size=4, feature_lengths=LENGTHS, partitioning_config=part)
+    samples[name] = out.read_text()
+  assert samples["fsdp"] == samples["one"]
+  # Rows of a batch must divide over the 'data' axis, with an error that says so.
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by the mesh 'data' axis"):
+    stages.sample(checkpoint=str(world / "sft"), model_config=CFG,
+                  prompts_data=str(world / "val.tfrecord"), output_data=str(tmp_path / "x.jsonl"),
+                  batch_size=6, feature_lengths=LENGTHS, partitioning_config=fsdp)
