@@ -22,6 +22,13 @@ its own directory under ``study_dir``:
 
 A finished stage leaves ``DONE`` in its directory and is skipped on rerun; an
 interrupted training stage resumes from its last checkpoint.
+
+``--until=STAGE`` (or ``StudyConfig.until``) stops after one of ``UNTIL_STAGES``;
+a later run goes on from there. ``StudyConfig.sft_run`` replaces the ``sft``
+stage by an SFT run trained elsewhere. Together they give the paper's pooled
+SFT (App. C; docs/launch.md): every task's study ``--until=relabel``, one
+``t5align sft`` on the four D_golden files (gin/experiments/pooled_sft.gin),
+then every task's study with ``sft_run`` set (gin/experiments/with_pooled_sft.gin).
 """
 
 import dataclasses
@@ -31,10 +38,25 @@ import time
 from typing import Callable, Optional, Sequence
 
 from t5align.models import t5
+from t5align.train import checkpoints
+from t5align.train import loop
 from t5align.train import stages
 from t5align.train import steps
 
 DONE = "DONE"
+# Stages a study can stop after (--until), in the order it runs them.
+UNTIL_STAGES = ("data", "golden_pm", "relabel", "sft", "proxy_pm", "golden_policy", "online")
+# Which SFT policy this study's later stages were built on (its own or an sft_run).
+SFT_SOURCE_FILE = "sft_source.json"
+
+
+def d_golden_path(study_dir: str) -> str:
+  """The D_golden file (relabelled train split) of the study in ``study_dir``.
+
+  For gin files that read another study's D_golden, e.g. the pooled SFT:
+  ``@tldr/study.d_golden_path()`` with ``tldr/study.d_golden_path.study_dir``.
+  """
+  return os.path.join(study_dir, "relabel", "d_golden.tfrecord")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +124,18 @@ class StudyConfig:
   # Scaling runs (Fig. 10, 11): reuse data, golden PM, D_golden, proxy PM and golden
   # policy of the Large study in this directory; only SFT and the policies are new.
   base_study_dir: Optional[str] = None
+  # An SFT run trained elsewhere (a finished `t5align sft` run directory), used
+  # instead of this study's `sft` stage: the start and reference of every policy
+  # run, the proxy PM's init (same size) and the KL reference of evaluation. The
+  # paper's pooled SFT over all four tasks (App. C): gin/experiments/pooled_sft.gin.
+  sft_run: Optional[str] = None
+  # Stop after this stage (one of UNTIL_STAGES); None runs every stage.
+  until: Optional[str] = None
+
+  def __post_init__(self):
+    if self.until is not None and self.until not in UNTIL_STAGES:
+      raise ValueError(f"StudyConfig.until={self.until!r} is not a stage a study can stop after; "
+                       f"allowed: {', '.join(UNTIL_STAGES)}")
 
 
 SHARED_WITH_BASE = ("data", "golden_pm", "relabel", "proxy_pm", "golden_policy")
@@ -143,6 +177,12 @@ class Study:
     _say(f"{name}: finished in {time.time() - start:.0f}s")
     return run_dir
 
+  def _stop_after(self, name: str) -> bool:
+    if self.c.until != name:
+      return False
+    _say(f"stopping after {name} (until={name!r}); run again without it to go on")
+    return True
+
   def _common(self) -> dict:
     return {"vocabulary_path": self.c.vocabulary_path, "feature_lengths": self.c.feature_lengths}
 
@@ -180,6 +220,8 @@ class Study:
   def run(self) -> None:
     c = self.c
     train, validation = self.data()
+    if self._stop_after("data"):
+      return
     pm_optimizer = stages.Optimizer(name=c.optimizer_name, learning_rate=c.pm_learning_rate,
                                     warmup_steps=c.pm_warmup_steps, decay=c.pm_decay)
     golden_pm = self._stage("golden_pm", lambda d: stages.preference(
@@ -187,6 +229,8 @@ class Study:
         batch_size=c.pm_batch_size, train_steps=c.golden_pm_steps, optimizer=pm_optimizer,
         checkpointing=self._ckpt(), partitioning_config=c.partitioning,
         init_checkpoint=c.golden_pm_init_checkpoint, seed=c.seed, **self._common()))
+    if self._stop_after("golden_pm"):
+      return
     d_golden = self.path("relabel", "d_golden.tfrecord")
     d_golden_val = self.path("relabel", "d_golden_validation.tfrecord")
 
@@ -197,19 +241,19 @@ class Study:
                        batch_size=c.eval_batch_size, partitioning_config=c.partitioning,
                        **self._common())
     self._stage("relabel", relabel)
-    sft = self._stage("sft", lambda d: stages.sft(
-        run_dir=d, model_config=c.policy_config, train_data=d_golden,
-        batch_size=c.sft_batch_size, train_steps=c.sft_steps,
-        optimizer=stages.Optimizer(name=c.optimizer_name, learning_rate=c.sft_learning_rate),
-        checkpointing=self._ckpt(), partitioning_config=c.partitioning,
-        init_checkpoint=c.policy_init_checkpoint, seed=c.seed,
-        **self._common()))
+    if self._stop_after("relabel"):
+      return
+    sft = self.sft(d_golden)
+    if self._stop_after("sft"):
+      return
     proxy_pm = self._stage("proxy_pm", lambda d: stages.preference(
         run_dir=d, model_config=c.proxy_pm_config, train_data=d_golden,
         validation_data=d_golden_val, batch_size=c.pm_batch_size, train_steps=c.proxy_pm_steps,
         optimizer=pm_optimizer, checkpointing=self._ckpt(), partitioning_config=c.partitioning,
         init_checkpoint=sft if c.proxy_pm_config == c.policy_config else None, seed=c.seed,
         **self._common()))
+    if self._stop_after("proxy_pm"):
+      return
 
     def align(name, **kwargs):
       lr = kwargs.pop("learning_rate", c.online_learning_rate)
@@ -225,9 +269,13 @@ class Study:
     policies["golden_policy"] = align("golden_policy", pair_source="online", train_data=d_golden,
                                       pm_run=golden_pm, pm_config=c.golden_pm_config,
                                       train_steps=c.online_steps)
+    if self._stop_after("golden_policy"):
+      return
     policies["online"] = align("online", pair_source="online", train_data=d_golden,
                                pm_run=proxy_pm, pm_config=c.proxy_pm_config,
                                train_steps=c.online_steps)
+    if self._stop_after("online"):
+      return
     for lr in c.offline_learning_rates:
       for beta in c.offline_betas:
         for n in c.offline_steps:
@@ -268,6 +316,46 @@ class Study:
       policies.update(self.fixed_policy_runs(align, sft=sft, golden_pm=golden_pm,
                                              d_golden=d_golden))
     self.evaluate(policies, sft=sft, golden_pm=golden_pm, d_golden=d_golden)
+
+  def sft(self, d_golden: str) -> str:
+    """The SFT run of this study: its own ``sft`` stage on D_golden, or ``sft_run``."""
+    c = self.c
+    if not c.sft_run:
+      self._check_sft_source("sft stage")
+      return self._stage("sft", lambda d: stages.sft(
+          run_dir=d, model_config=c.policy_config, train_data=d_golden,
+          batch_size=c.sft_batch_size, train_steps=c.sft_steps,
+          optimizer=stages.Optimizer(name=c.optimizer_name, learning_rate=c.sft_learning_rate),
+          checkpointing=self._ckpt(), partitioning_config=c.partitioning,
+          init_checkpoint=c.policy_init_checkpoint, seed=c.seed,
+          **self._common()))
+    check_finished_run(c.sft_run, what="StudyConfig.sft_run")
+    self._check_sft_source(os.path.abspath(c.sft_run))
+    _say(f"sft: not trained here; the SFT run {c.sft_run} (StudyConfig.sft_run) is the start "
+         "and reference of every policy, the proxy PM's init and the KL reference")
+    return c.sft_run
+
+  def _check_sft_source(self, source: str) -> None:
+    """Refuses to go on, on another SFT, from stages an earlier run built on one.
+
+    ``source`` is the sft_run's absolute path or "sft stage"; the first run past
+    relabel records it in ``sft_source.json``.
+    """
+    record = os.path.join(self.c.study_dir, SFT_SOURCE_FILE)
+    if os.path.exists(record):
+      with open(record) as f:
+        recorded = json.load(f)["sft"]
+    elif os.path.exists(os.path.join(self.c.study_dir, "sft")):
+      recorded = "sft stage"  # a study from before sft_source.json existed
+    else:
+      recorded = None
+    if recorded is not None and recorded != source:
+      raise ValueError(f"{self.c.study_dir}: its stages after relabel were run on the SFT "
+                       f"{recorded!r} ({record}) but StudyConfig.sft_run now gives {source!r}; "
+                       "use a new study_dir, or delete the stages after relabel")
+    if recorded is None:
+      with open(record, "w") as f:
+        f.write(json.dumps({"sft": source}) + "\n")
 
   def fixed_policy_runs(self, align, *, sft: str, golden_pm: str, d_golden: str) -> dict:
     """D_4k-vs-4k, D_sft-vs-800 and D_800-vs-4k (Fig. 5, 12), then offline IPO on each."""
@@ -316,11 +404,47 @@ class Study:
     report_lib.study_report(eval_dir=eval_dir, output_dir=self.path("report"), task=c.task)
 
 
+def check_finished_run(run_dir: str, *, what: str) -> str:
+  """``run_dir`` if it is a completed training run with checkpoints; a clear error if not."""
+  ckpt_dir = os.path.join(run_dir, stages.CHECKPOINT_SUBDIR)
+  if not (os.path.isdir(ckpt_dir) and checkpoints.list_steps(ckpt_dir)):
+    raise FileNotFoundError(f"{what}={run_dir!r}: no finished checkpoints in {ckpt_dir}; train "
+                            "that run first (docs/launch.md, 'Pooled SFT')")
+  status_path = os.path.join(run_dir, loop.STATUS_FILE)
+  status = None
+  if os.path.exists(status_path):
+    with open(status_path) as f:
+      status = json.load(f)
+  if not status or status.get("status") != "completed":
+    raise ValueError(f"{what}={run_dir!r}: the run has not finished ({status_path}: {status}); "
+                     "run its command again to complete it")
+  return run_dir
+
+
+def _pop_until(argv: list[str]) -> tuple[Optional[str], list[str]]:
+  """``--until=STAGE`` or ``--until STAGE`` taken out of ``argv``."""
+  until, rest = None, []
+  args = iter(argv)
+  for arg in args:
+    if arg == "--until":
+      until = next(args, None)
+      if until is None:
+        raise SystemExit(f"--until needs a stage name: {', '.join(UNTIL_STAGES)}")
+    elif arg.startswith("--until="):
+      until = arg[len("--until="):]
+    else:
+      rest.append(arg)
+  if until is not None and until not in UNTIL_STAGES:
+    raise SystemExit(f"--until={until}: unknown stage; a study can stop after "
+                     f"{', '.join(UNTIL_STAGES)}")
+  return until, rest
+
+
 def main(argv: Sequence[str]) -> int:
-  """``t5align study --gin_file=EXPERIMENT.gin [--quick] [--gin.X=V ...]``."""
+  """``t5align study --gin_file=EXPERIMENT.gin [--quick] [--until=STAGE] [--gin.X=V ...]``."""
   import gin
   from t5align import cli
-  argv = list(argv)
+  until, argv = _pop_until(list(argv))
   quick = "--quick" in argv
   argv = [a for a in argv if a != "--quick"]
   files, bindings, search, rest = cli.split_gin_args(argv)
@@ -332,9 +456,12 @@ def main(argv: Sequence[str]) -> int:
     files = files + ["experiments/mini_quick.gin"]
   cli.parse_gin(files, bindings, search)
   config = gin.get_configurable(StudyConfig)()
+  if until is not None:
+    config = dataclasses.replace(config, until=until)
   os.makedirs(config.study_dir, exist_ok=True)
   with open(os.path.join(config.study_dir, "config.gin"), "w") as f:
     f.write(gin.config_str())
   Study(config).run()
-  _say(f"report: {os.path.join(config.study_dir, 'report')}")
+  if config.until is None:
+    _say(f"report: {os.path.join(config.study_dir, 'report')}")
   return 0

@@ -1,5 +1,7 @@
 """Every experiment config parses and binds the paper's settings (spec §1-2, §7)."""
 
+import dataclasses
+
 import gin
 import pytest
 
@@ -8,6 +10,7 @@ from t5align import study
 from t5align.models import load
 from t5align.models import mini_base
 from t5align.models import t5
+from t5align.train import stages
 
 TASKS = ["tldr", "hh_helpful", "hh_harmless", "chat_arena"]
 MACROS = ["DATA_DIR = '/data/tfds'", "VOCABULARY = '/data/sentencepiece.model'"]
@@ -18,6 +21,16 @@ def _config(files, bindings=()):
   try:
     cli.parse_gin(files, list(bindings))
     return gin.get_configurable(study.StudyConfig)()
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
+def _sft_bindings(files, bindings=()):
+  """What a `t5align sft` command with these gin files passes to ``stages.sft``."""
+  gin.clear_config(clear_constants=True)
+  try:
+    cli.parse_gin(files, list(bindings))
+    return gin.get_bindings(stages.sft)
   finally:
     gin.clear_config(clear_constants=True)
 
@@ -73,3 +86,33 @@ def test_mini_study_starts_from_the_shipped_bases(size, field, init):
                "num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets",
                "relative_attention_max_distance"):
     assert getattr(shipped, name) == getattr(want, name) == getattr(mini_base.SIZES[size], name)
+
+
+def test_pooled_sft_is_the_studies_sft_on_the_four_d_golden():
+  """experiments/pooled_sft.gin: the paper's one SFT over all four tasks (App. C)."""
+  sft = _sft_bindings(["experiments/pooled_sft.gin"], MACROS[1:])
+  assert sft["train_data"] == [study.d_golden_path(f"runs/{task}") for task in TASKS]
+  assert sft["run_dir"] == "runs/pooled_sft" and sft["init_checkpoint"] is None
+  assert (sft["batch_size"], sft["train_steps"]) == (128, 4000)
+  assert sft["optimizer"].learning_rate == 3e-5
+  assert (sft["feature_lengths"].inputs, sft["feature_lengths"].targets) == (1024, 128)
+  assert sft["vocabulary_path"] == "/data/sentencepiece.model"
+  # A drop-in for a study's own sft stage: the same model, optimizer and mesh.
+  c = _config(["experiments/tldr.gin"], MACROS)
+  assert sft["model_config"] == c.policy_config
+  assert sft["optimizer"] == stages.Optimizer(name=c.optimizer_name,
+                                              learning_rate=c.sft_learning_rate)
+  assert sft["partitioning_config"] == c.partitioning
+  moved = _sft_bindings(["experiments/pooled_sft.gin"],
+                        [*MACROS[1:], "HH_HARMLESS_STUDY_DIR = '/shared/hh_harmless'"])
+  assert moved["train_data"][2] == "/shared/hh_harmless/relabel/d_golden.tfrecord"
+  with pytest.raises(ValueError, match="VOCABULARY"):
+    _sft_bindings(["experiments/pooled_sft.gin"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_with_pooled_sft_points_a_task_study_at_the_pooled_run(task):
+  alone = _config([f"experiments/{task}.gin"], MACROS)
+  pooled = _config([f"experiments/{task}.gin", "experiments/with_pooled_sft.gin"], MACROS)
+  assert alone.sft_run is None and pooled.sft_run == "runs/pooled_sft"
+  assert pooled == dataclasses.replace(alone, sft_run="runs/pooled_sft")

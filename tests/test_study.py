@@ -1,14 +1,23 @@
-"""The main job end to end: `t5align study --quick` runs every stage, then resumes as done."""
+"""The main job end to end: `t5align study --quick` runs every stage, then resumes as done.
 
+Also the paper's pooled SFT workflow (App. C): a study run ``--until=relabel``,
+one SFT on several D_golden files, then the study on that SFT (``sft_run``).
+"""
+
+import contextlib
+import io
 import json
 import os
 
 import gin
 import pytest
 
+from t5align import cli
 from t5align import study
-
-pytestmark = pytest.mark.slow
+from t5align.eval import evaluate
+from t5align.eval import report
+from t5align.train import fixed_policy
+from t5align.train import stages
 
 
 def _stage_dirs(study_dir):
@@ -25,6 +34,7 @@ def _main(args):
     gin.clear_config(clear_constants=True)
 
 
+@pytest.mark.slow
 def test_quick_study_runs_every_stage_and_skips_them_on_rerun(tmp_path, capsys):
   study_dir = tmp_path / "quick"
   args = ["--gin_file=experiments/mini.gin", "--quick", f"--gin.STUDY_DIR='{study_dir}'"]
@@ -67,3 +77,120 @@ def test_quick_study_runs_every_stage_and_skips_them_on_rerun(tmp_path, capsys):
   assert "running in" not in again
   assert again.count("done, skipped") >= len(stages)
   assert out.count("finished in") >= len(stages)
+
+
+# The quick study cut down further: 64 pairs, 2-step golden and proxy PMs.
+TINY = ["--gin_file=experiments/mini.gin", "--quick",
+        "--gin.study.StudyConfig.mini_world_train=64",
+        "--gin.study.StudyConfig.mini_world_validation=16",
+        "--gin.study.StudyConfig.golden_pm_steps=2", "--gin.study.StudyConfig.proxy_pm_steps=2",
+        "--gin.study.StudyConfig.pm_warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def relabelled(tmp_path_factory):
+  """Phase 1 of the pooled workflow: a task's study ``--until=relabel``, and its output."""
+  study_dir = tmp_path_factory.mktemp("pooled") / "task"
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert _main([*TINY, "--until=relabel", f"--gin.STUDY_DIR='{study_dir}'"]) == 0
+  return study_dir, out.getvalue()
+
+
+@pytest.mark.slow
+def test_until_relabel_stops_after_relabel_with_its_stages_done(relabelled):
+  study_dir, out = relabelled
+  assert _stage_dirs(study_dir) == ["data", "golden_pm", "relabel"]
+  for name in ("data", "golden_pm", "relabel"):
+    assert (study_dir / name / study.DONE).exists(), name
+  assert os.path.exists(study.d_golden_path(str(study_dir)))
+  assert "stopping after relabel" in out and "report:" not in out
+  assert not (study_dir / study.SFT_SOURCE_FILE).exists()
+
+
+def _pooled_sft(run_dir, train_data):
+  """Phase 2: ``t5align sft`` on several D_golden files, at the mini policy's size."""
+  gin.clear_config(clear_constants=True)
+  try:
+    cli.run_stage("sft", [
+        "--gin_file=runs/sft.gin", "--gin_file=models/mini/policy.gin",
+        "--gin_file=partitioning/cpu.gin", "--gin.MODEL=%MINI_POLICY",
+        f"--gin.MODEL_DIR='{run_dir}'", f"--gin.TRAIN_DATA={[str(p) for p in train_data]}",
+        "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=8", "--gin.stages.FeatureLengths.inputs=32",
+        "--gin.stages.FeatureLengths.targets=16"])
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
+@pytest.mark.slow
+def test_study_on_a_pooled_sft_run_trains_no_sft_and_uses_that_run(relabelled, tmp_path,
+                                                                   monkeypatch, capsys):
+  study_dir, _ = relabelled
+  d_golden = study.d_golden_path(str(study_dir))
+  sft_run = str(tmp_path / "pooled_sft")
+  # Two files stand for the four tasks' D_golden.
+  _pooled_sft(sft_run, [d_golden, study_dir / "relabel" / "d_golden_validation.tfrecord"])
+  assert "pooled from 2 files" in capsys.readouterr().out
+  args = [*TINY, f"--gin.STUDY_DIR='{study_dir}'", "--gin_file=experiments/with_pooled_sft.gin",
+          f"--gin.POOLED_SFT_RUN='{sft_run}'"]
+
+  status = os.path.join(sft_run, "status.json")
+  finished = open(status).read()
+  with open(status, "w") as f:
+    f.write(finished.replace('"completed"', '"running"'))
+  with pytest.raises(ValueError, match="the run has not finished"):
+    _main(args)
+  with open(status, "w") as f:
+    f.write(finished)
+
+  # Phase 3, with the proxy PM trained for real and the later stages recorded only.
+  proxy_inits, align_sfts, eval_sfts, pairs = [], {}, {}, {}
+  real_preference = stages.preference
+
+  def preference(**kwargs):
+    proxy_inits.append(kwargs["init_checkpoint"])
+    return real_preference(**kwargs)
+
+  def no_sft(**kwargs):
+    raise AssertionError(f"the study trained its own SFT: {kwargs}")
+
+  monkeypatch.setattr(stages, "preference", preference)
+  monkeypatch.setattr(stages, "sft", no_sft)
+  monkeypatch.setattr(stages, "align", lambda **kw: align_sfts.update(
+      {os.path.basename(kw["run_dir"]): kw["sft_checkpoint"]}))
+  monkeypatch.setattr(fixed_policy, "fixed_policy_pairs", lambda **kw: pairs.update(
+      {os.path.basename(os.path.dirname(kw["output_data"])): kw["policy_a"]}))
+  monkeypatch.setattr(evaluate, "evaluate_stage", lambda **kw: eval_sfts.update(
+      {os.path.basename(kw["output_dir"]): kw["sft_checkpoint"]}))
+  monkeypatch.setattr(report, "study_report", lambda **kw: None)
+  assert _main(args) == 0
+  out = capsys.readouterr().out
+
+  assert "golden_pm: done, skipped" in out and "relabel: done, skipped" in out
+  assert f"sft: not trained here; the SFT run {sft_run}" in out
+  assert not (study_dir / "sft").exists()
+  assert proxy_inits == [sft_run]
+  assert (study_dir / "proxy_pm" / "best_checkpoint.json").exists()
+  assert len(align_sfts) == 12 and set(align_sfts.values()) == {sft_run}, align_sfts
+  assert len(eval_sfts) == 11 and set(eval_sfts.values()) == {sft_run}, eval_sfts
+  assert pairs["pairs_sft_vs_5"] == sft_run
+  recorded = json.loads((study_dir / study.SFT_SOURCE_FILE).read_text())
+  assert recorded == {"sft": os.path.abspath(sft_run)}
+
+  # The same directory without sft_run would build on another SFT: refused.
+  with pytest.raises(ValueError, match=study.SFT_SOURCE_FILE):
+    _main([*TINY, f"--gin.STUDY_DIR='{study_dir}'"])
+
+
+def test_until_takes_only_a_stage_a_study_can_stop_after(tmp_path):
+  with pytest.raises(ValueError, match="until='eval' .* allowed: data, golden_pm, relabel, sft"):
+    study.StudyConfig(study_dir=str(tmp_path), until="eval")
+  with pytest.raises(SystemExit, match="--until=sft_stage: unknown stage"):
+    study.main(["--until=sft_stage"])
+  with pytest.raises(SystemExit, match="--until needs a stage name"):
+    study.main(["--gin_file=experiments/mini.gin", "--until"])
+
+
+def test_sft_run_must_be_a_finished_run(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no finished checkpoints in .*nothing/checkpoints"):
+    study.check_finished_run(str(tmp_path / "nothing"), what="StudyConfig.sft_run")

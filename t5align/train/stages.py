@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -283,19 +283,60 @@ def _tokenized(path: str, vocabulary, lengths: FeatureLengths) -> dict:
   return tasks.tokenize_examples(examples, vocabulary, lengths.as_dict())
 
 
-def sft(*, run_dir: str, model_config: t5.T5Config, train_data: str, batch_size: int,
-        train_steps: int, vocabulary_path: Optional[str] = None,
+def _pad_columns(x: np.ndarray, width: int) -> np.ndarray:
+  """``x`` [rows, w] padded with 0 (the pad id) to [rows, width]."""
+  return np.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+
+def sft_pool(paths: Sequence[str], vocabulary, lengths: FeatureLengths) -> dict:
+  """The SFT set of pair files: every pair's prompt twice, once per response.
+
+  The pairs of all files are concatenated in the order given, then
+  ``inputs`` = [prompts; prompts] and ``targets`` = [responses a; responses
+  b], so one file gives exactly its own layout. Side files may be narrower
+  than the configured lengths; columns are padded to the widest file.
+  """
+  if isinstance(paths, (str, os.PathLike)) or not paths:
+    raise ValueError(f"sft: train_data must be one path or a non-empty list of paths, "
+                     f"got {paths!r}")
+  parts = []
+  for i, path in enumerate(paths):
+    where = f"sft: train_data file {i + 1} of {len(paths)}, {path}"
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{where}: no such file")
+    arrays = _tokenized(path, vocabulary, lengths)
+    if not len(arrays["prompt"]):
+      raise ValueError(f"{where}: the dataset is empty")
+    _say(f"sft: {2 * len(arrays['prompt'])} targets ({len(arrays['prompt'])} pairs) from {path}")
+    parts.append(arrays)
+
+  def column(key):
+    width = max(p[key].shape[1] for p in parts)
+    return np.concatenate([_pad_columns(p[key], width) for p in parts])
+
+  prompt = column("prompt")
+  return {"inputs": np.concatenate([prompt, prompt]),
+          "targets": np.concatenate([column("response_a"), column("response_b")])}
+
+
+def sft(*, run_dir: str, model_config: t5.T5Config, train_data: Union[str, Sequence[str]],
+        batch_size: int, train_steps: int, vocabulary_path: Optional[str] = None,
         feature_lengths: FeatureLengths = FeatureLengths(),
         optimizer: Optimizer = Optimizer(learning_rate=3e-5),
         checkpointing: Checkpointing = Checkpointing(),
         partitioning_config: Partitioning = Partitioning(), init_checkpoint: Optional[str] = None,
         z_loss: float = 1e-4, seed: int = 0):
-  """Supervised fine-tuning on BOTH responses of every pair (the paper's SFT set)."""
+  """Supervised fine-tuning on BOTH responses of every pair (the paper's SFT set).
+
+  ``train_data`` is one pair file or a list of them. The paper trains one SFT
+  policy on a set pooled over the D_golden of all four tasks (App. C;
+  gin/experiments/pooled_sft.gin); ``sft_pool`` builds it.
+  """
   vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
-  arrays = _tokenized(train_data, vocabulary, feature_lengths)
-  data = {"inputs": np.concatenate([arrays["prompt"], arrays["prompt"]]),
-          "targets": np.concatenate([arrays["response_a"], arrays["response_b"]])}
-  _say(f"sft: {len(data['inputs'])} targets from {train_data}")
+  paths = [train_data] if isinstance(train_data, (str, os.PathLike)) else list(train_data)
+  data = sft_pool(paths, vocabulary, feature_lengths)
+  if len(paths) > 1:
+    _say(f"sft: {len(data['inputs'])} targets pooled from {len(paths)} files")
   return _run(run_dir=run_dir, config=model_config, part=partitioning_config,
               batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
               ckpt=checkpointing, seed=seed,

@@ -23,6 +23,7 @@ from t5align.data import vocab
 from t5align.data import writers
 from t5align.models import t5
 from t5align.train import checkpoints
+from t5align.train import pair_sources
 from t5align.train import stages
 from t5align.train import steps
 
@@ -264,3 +265,84 @@ def test_inference_stages_give_one_device_results_when_sharded(world, tmp_path):
     stages.sample(checkpoint=str(world / "sft"), model_config=CFG,
                   prompts_data=str(world / "val.tfrecord"), output_data=str(tmp_path / "x.jsonl"),
                   batch_size=6, feature_lengths=LENGTHS, partitioning_config=fsdp)
+
+
+def _tokens(path):
+  return stages._tokenized(path, vocab.get_vocabulary(), LENGTHS)  # pylint: disable=protected-access
+
+
+def _spy_sft_data(monkeypatch, *, train=True):
+  """The arrays ``stages.sft`` hands to its data source; with ``train=False`` it stops there."""
+  seen = []
+  real = pair_sources.EpochBatches
+
+  def spy(arrays, **kwargs):
+    seen.append(arrays)
+    return real(arrays, **kwargs)
+
+  monkeypatch.setattr(pair_sources, "EpochBatches", spy)
+  if not train:
+    monkeypatch.setattr(stages, "_run", lambda **kwargs: None)
+  return seen
+
+
+def test_sft_trains_on_the_pool_of_several_files(world, tmp_path, monkeypatch, capsys):
+  """The paper's pooled SFT set (App. C): both responses of every pair of every file."""
+  seen = _spy_sft_data(monkeypatch)
+  train, val = str(world / "train.tfrecord"), str(world / "val.tfrecord")
+  run = tmp_path / "pooled"
+  stages.sft(run_dir=str(run), model_config=CFG, train_data=[train, val], batch_size=8,
+             train_steps=1, optimizer=stages.Optimizer(learning_rate=1e-2), **COMMON)
+  out = capsys.readouterr().out
+  assert f"sft: 128 targets (64 pairs) from {train}" in out
+  assert f"sft: 32 targets (16 pairs) from {val}" in out
+  assert "sft: 160 targets pooled from 2 files" in out
+  a, b = _tokens(train), _tokens(val)
+  (data,) = seen
+  np.testing.assert_array_equal(data["inputs"], np.concatenate([a["prompt"], b["prompt"]] * 2))
+  np.testing.assert_array_equal(data["targets"], np.concatenate(
+      [a["response_a"], b["response_a"], a["response_b"], b["response_b"]]))
+  assert checkpoints.list_steps(run / "checkpoints") == [1]
+
+
+def test_sft_on_one_file_keeps_its_data_and_order(world, monkeypatch):
+  seen = _spy_sft_data(monkeypatch, train=False)
+  train = str(world / "train.tfrecord")
+  kw = dict(run_dir=str(world / "unused"), model_config=CFG, batch_size=8, train_steps=1, **COMMON)
+  stages.sft(train_data=train, **kw)
+  stages.sft(train_data=[train], **kw)
+  arrays = _tokens(train)
+  for data in seen:
+    np.testing.assert_array_equal(data["inputs"], np.concatenate([arrays["prompt"]] * 2))
+    np.testing.assert_array_equal(data["targets"], np.concatenate([arrays["response_a"],
+                                                                   arrays["response_b"]]))
+  monkeypatch.undo()
+  batches = [pair_sources.EpochBatches(data, batch_size=8, seed=0).next_batch(None)
+             for data in seen]
+  _assert_trees_equal(*batches)
+
+
+def test_sft_pool_pads_a_narrower_side_file(world, tmp_path):
+  path = str(tmp_path / "pairs.tfrecord")
+  writers.write_examples(path, writers.read_examples(str(world / "val.tfrecord"))[:3])
+  narrow = {k: v[:, :8] if v.ndim == 2 else v for k, v in _tokens(path).items()}
+  np.savez(writers.tokens_path(path), **narrow)
+  pool = stages.sft_pool([str(world / "val.tfrecord"), path], vocab.get_vocabulary(), LENGTHS)
+  assert pool["inputs"].shape == (2 * 19, LENGTHS.inputs)
+  assert pool["targets"].shape == (2 * 19, LENGTHS.targets)
+  np.testing.assert_array_equal(pool["targets"][16:19, 8:], 0)
+  np.testing.assert_array_equal(pool["targets"][16:19, :8], narrow["response_a"])
+
+
+def test_sft_names_a_missing_or_empty_file_of_the_pool(world, tmp_path):
+  kw = dict(run_dir=str(tmp_path / "sft"), model_config=CFG, batch_size=8, train_steps=1, **COMMON)
+  train, missing = str(world / "train.tfrecord"), str(tmp_path / "missing.tfrecord")
+  with pytest.raises(FileNotFoundError, match=r"file 2 of 2, .*missing\.tfrecord: no such file"):
+    stages.sft(train_data=[train, missing], **kw)
+  empty = str(tmp_path / "empty.tfrecord")
+  writers.write_examples(empty, [])
+  with pytest.raises(ValueError, match=r"empty\.tfrecord: the dataset is empty"):
+    stages.sft(train_data=[empty, train], **kw)
+  with pytest.raises(ValueError, match="non-empty list"):
+    stages.sft(train_data=[], **kw)
+  assert not (tmp_path / "sft").exists()
