@@ -88,8 +88,13 @@ def test_mini_study_starts_from_the_shipped_bases(size, field, init):
     assert getattr(shipped, name) == getattr(want, name) == getattr(mini_base.SIZES[size], name)
 
 
-def test_pooled_sft_is_the_studies_sft_on_the_four_d_golden():
+def test_pooled_sft_is_the_studies_sft_on_the_four_d_golden(tmp_path, monkeypatch):
   """experiments/pooled_sft.gin: the paper's one SFT over all four tasks (App. C)."""
+  # Run where a study has written runs/ (importable as a namespace package):
+  # gin's package-resource lookup of an `include 'runs/...'` would crash here.
+  (tmp_path / "runs").mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
   sft = _sft_bindings(["experiments/pooled_sft.gin"], MACROS[1:])
   assert sft["train_data"] == [study.d_golden_path(f"runs/{task}") for task in TASKS]
   assert sft["run_dir"] == "runs/pooled_sft" and sft["init_checkpoint"] is None
