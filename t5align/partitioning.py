@@ -443,11 +443,15 @@ class Placement:
     Each process hands ``shard_batch`` its own block of rows
     (``process_data_shard``); the number of rows must divide over 'data'.
     """
-    block, num_blocks = process_data_shard(self.mesh)
+    block, num_blocks = self._data_shard
     if num_blocks > 1:
       rows = len(next(iter(batch.values()))) // num_blocks
       batch = {k: np.asarray(v)[block * rows:(block + 1) * rows] for k, v in batch.items()}
     return shard_batch(batch, self.mesh)
+
+  @functools.cached_property
+  def _data_shard(self) -> tuple[int, int]:
+    return process_data_shard(self.mesh)  # fixed for the mesh; not redone for every batch
 
   @contextlib.contextmanager
   def context(self):

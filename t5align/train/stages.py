@@ -288,17 +288,18 @@ def _pad_columns(x: np.ndarray, width: int) -> np.ndarray:
   return np.pad(x, ((0, 0), (0, width - x.shape[1])))
 
 
-def sft_pool(paths: Sequence[str], vocabulary, lengths: FeatureLengths) -> dict:
-  """The SFT set of pair files: every pair's prompt twice, once per response.
+def sft_pool(train_data: Union[str, Sequence[str]], vocabulary, lengths: FeatureLengths) -> dict:
+  """The SFT set of one pair file or a list of them: every pair's prompt twice, once per response.
 
   The pairs of all files are concatenated in the order given, then
   ``inputs`` = [prompts; prompts] and ``targets`` = [responses a; responses
   b], so one file gives exactly its own layout. Side files may be narrower
   than the configured lengths; columns are padded to the widest file.
   """
-  if isinstance(paths, (str, os.PathLike)) or not paths:
+  paths = [train_data] if isinstance(train_data, (str, os.PathLike)) else list(train_data)
+  if not paths:
     raise ValueError(f"sft: train_data must be one path or a non-empty list of paths, "
-                     f"got {paths!r}")
+                     f"got {train_data!r}")
   parts = []
   for i, path in enumerate(paths):
     where = f"sft: train_data file {i + 1} of {len(paths)}, {path}"
@@ -315,8 +316,11 @@ def sft_pool(paths: Sequence[str], vocabulary, lengths: FeatureLengths) -> dict:
     return np.concatenate([_pad_columns(p[key], width) for p in parts])
 
   prompt = column("prompt")
-  return {"inputs": np.concatenate([prompt, prompt]),
+  pool = {"inputs": np.concatenate([prompt, prompt]),
           "targets": np.concatenate([column("response_a"), column("response_b")])}
+  if len(paths) > 1:
+    _say(f"sft: {len(pool['inputs'])} targets pooled from {len(paths)} files")
+  return pool
 
 
 def sft(*, run_dir: str, model_config: t5.T5Config, train_data: Union[str, Sequence[str]],
@@ -332,11 +336,7 @@ def sft(*, run_dir: str, model_config: t5.T5Config, train_data: Union[str, Seque
   policy on a set pooled over the D_golden of all four tasks (App. C;
   gin/experiments/pooled_sft.gin); ``sft_pool`` builds it.
   """
-  vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
-  paths = [train_data] if isinstance(train_data, (str, os.PathLike)) else list(train_data)
-  data = sft_pool(paths, vocabulary, feature_lengths)
-  if len(paths) > 1:
-    _say(f"sft: {len(data['inputs'])} targets pooled from {len(paths)} files")
+  data = sft_pool(train_data, vocab_lib.get_vocabulary(vocabulary_path), feature_lengths)
   return _run(run_dir=run_dir, config=model_config, part=partitioning_config,
               batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
               ckpt=checkpointing, seed=seed,
@@ -404,17 +404,18 @@ def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batc
   _say(f"preference: {len(pairs['prompt'])} pairs from {train_data}")
   source = pair_sources.EpochBatches({k: pairs[k] for k in ("prompt", "chosen", "rejected", "label")},
                     batch_size=batch_size, seed=seed)
+  runtime = _Runtime(model_config, partitioning_config, batch_size)
   state = _run(run_dir=run_dir, config=model_config, part=partitioning_config,
                batch_size=batch_size, train_steps=train_steps, optimizer=optimizer,
                ckpt=checkpointing, seed=seed,
                params_fn=_params_fn(model_config, init_checkpoint, seed),
                make_step=lambda tx: steps.make_preference_step(
                    model_config, tx, fmt, max_input_length=feature_lengths.pm_input_length),
-               source=source)
+               source=source, runtime=runtime)
   if validation_data:
     val = _ordered(_tokenized(validation_data, vocabulary, feature_lengths))
     ckpt_dir = os.path.join(run_dir, CHECKPOINT_SUBDIR)
-    placement = partitioning_config.placement()
+    placement = runtime.placement  # the training mesh scores the checkpoints
     scores = {}
     for step in checkpoints.list_steps(ckpt_dir):
       params = placement.params(checkpoints.load_params(ckpt_dir, step), model_config)
