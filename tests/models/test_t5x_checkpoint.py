@@ -2,6 +2,7 @@
 
 import dataclasses
 import gzip
+import json
 import os
 import pathlib
 
@@ -388,3 +389,165 @@ def test_detect_format_messages(tmp_path):
   empty.mkdir()
   with pytest.raises(ckpt.CheckpointError, match="not a Hugging Face"):
     load.load_pretrained(empty)
+
+
+# ---------------------------------------------------------------------------
+# Import limits: nothing is allocated for what the files cannot hold.
+
+def _ts_spec(relative, shape, chunks=None, dtype="float32", compressor=None):
+  return {"driver": "zarr", "dtype": dtype, "kvstore": {"driver": "file", "path": relative},
+          "metadata": {"shape": shape, "chunks": chunks or shape,
+                       "compressor": compressor or {"id": "gzip"}}}
+
+
+def _expect_error(directory, match, **kwargs):
+  with pytest.raises(ckpt.CheckpointError, match=match) as info:
+    ckpt.read_t5x_tree(directory, **kwargs)
+  assert str(directory / "checkpoint") in str(info.value)
+  assert "optimizer/target/w" in str(info.value)
+  return info.value
+
+
+@pytest.mark.parametrize("shape, message", [
+    # 64 GiB is within the default max_bytes, but there is no chunk to read.
+    ([2**17, 2**17], r"chunk file target\.w/0\.0 is missing \(0 of 1 chunk"),
+    # 2**66 bytes: past int64, and past the default max_bytes.
+    ([2**32, 2**32], "declares 73,786,976,294,838,206,464 bytes.*over max_bytes=68,719,476,736"),
+])
+def test_huge_shape_over_an_empty_array_dir_is_refused_before_allocation(tmp_path, shape,
+                                                                          message):
+  # A few hundred bytes of msgpack declaring a huge array.
+  directory = tmp_path / "ckpt"
+  (directory / "target.w").mkdir(parents=True)
+  _target_checkpoint(directory, {"w": _ts_spec("target.w", shape)})
+  _expect_error(directory, message)
+  error = _expect_error(directory, "over max_bytes=1,000,000", max_bytes=10**6)
+  assert f"declares {4 * shape[0] * shape[1]:,} bytes" in str(error)
+
+
+def test_huge_inline_shape_does_not_overflow_the_size_check(tmp_path):
+  leaf = msgpack.ExtType(1, msgpack.packb(([2**32, 2**32], "float32", b""), use_bin_type=True))
+  directory = _raw_leaf_checkpoint(tmp_path, leaf)
+  _expect_error(directory, r"holds 0 bytes, shape \[4294967296, 4294967296\] of float32 needs "
+                f"{4 * 2**64}")
+
+
+def test_max_bytes_counts_every_leaf_before_reading(tmp_path):
+  directory = tmp_path / "ckpt"
+  directory.mkdir()
+  array = np.ones((100, 40), np.float32)
+  metadata = _write_zarr(directory / "target.w", array)  # 16,000 bytes
+  tree = {"a": np.zeros(4, np.float32), "w": _spec("target.w", array, metadata)}  # 16 + 16,000
+  _target_checkpoint(directory, tree)
+  assert ckpt.read_t5x_tree(directory, max_bytes=16016)["w"].shape == (100, 40)
+  _expect_error(directory, "declares 16,000 bytes, which brings the arrays read to 16,016 bytes, "
+                "over max_bytes=16,015", max_bytes=16015)
+
+
+def test_checkpoint_file_over_max_bytes_is_not_read(tmp_path):
+  directory = _target_checkpoint(tmp_path / "ckpt", {"w": np.zeros(64, np.float32)})
+  with pytest.raises(ckpt.CheckpointError, match="over max_bytes=100"):
+    ckpt.read_t5x_tree(directory, max_bytes=100)
+
+
+@pytest.mark.parametrize("keep_zarray", [True, False])
+def test_missing_chunk_file_is_an_error_not_zeros(tmp_path, keep_zarray):
+  directory = tmp_path / "ckpt"
+  directory.mkdir()
+  array = np.arange(1, 25, dtype=np.float32).reshape(4, 6)
+  metadata = _write_zarr(directory / "target.w", array, keep_zarray=keep_zarray)
+  metadata["chunks"] = [2, 3]
+  store = ts.open({"driver": "zarr", "kvstore": {"driver": "file",
+                                                 "path": str(directory / "target.w") + "/"},
+                   "metadata": dict(metadata, dtype="<f4")}, create=True,
+                  delete_existing=True).result()
+  store.write(array).result()
+  if not keep_zarray:
+    os.remove(directory / "target.w" / ".zarray")
+  spec = _spec("target.w", array, metadata)
+  _target_checkpoint(directory, {"w": spec})
+  np.testing.assert_array_equal(ckpt.read_t5x_tree(directory)["w"], array)
+  os.remove(directory / "target.w" / "1.1")
+  (directory / "target.w" / "01.1").write_bytes(b"")  # not a zarr chunk name; does not count
+  _expect_error(directory, r"chunk file target\.w/1\.1 is missing \(3 of 4 chunk files")
+
+
+def test_nested_dimension_separator_chunks_are_found(tmp_path):
+  directory = tmp_path / "ckpt"
+  directory.mkdir()
+  array = np.arange(24, dtype=np.float32).reshape(4, 6)
+  metadata = {"shape": [4, 6], "chunks": [2, 3], "compressor": {"id": "gzip"},
+              "dimension_separator": "/"}
+  store = ts.open({"driver": "zarr", "kvstore": {"driver": "file",
+                                                 "path": str(directory / "target.w") + "/"},
+                   "metadata": dict(metadata, dtype="<f4")}, create=True).result()
+  store.write(array).result()
+  assert (directory / "target.w" / "1" / "1").is_file()
+  _target_checkpoint(directory, {"w": _spec("target.w", array, metadata)})
+  np.testing.assert_array_equal(ckpt.read_t5x_tree(directory)["w"], array)
+  os.remove(directory / "target.w" / "0" / "1")
+  _expect_error(directory, r"chunk file target\.w/0/1 is missing")
+
+
+def test_chunk_files_too_small_for_their_chunk(tmp_path):
+  directory = tmp_path / "ckpt"
+  (directory / "target.w").mkdir(parents=True)
+  # Uncompressed chunks must be exactly their size.
+  (directory / "target.w" / "0.0").write_bytes(b"\0" * 20)
+  _target_checkpoint(directory, {"w": dict(_ts_spec("target.w", [2, 3]),
+                                           metadata={"shape": [2, 3], "chunks": [2, 3],
+                                                     "compressor": None})})
+  _expect_error(directory, r"target\.w/0\.0 holds 20 bytes; an uncompressed chunk \[2, 3\] of "
+                "float32 is 24")
+  # 100 gzip bytes cannot inflate to a 64 MiB chunk.
+  (directory / "target.w" / "0.0").write_bytes(gzip.compress(b"\0" * 1000)[:100].ljust(100, b"\0"))
+  _target_checkpoint(directory, {"w": _ts_spec("target.w", [4096, 4096])})
+  _expect_error(directory, r"holds 100 compressed bytes, too few for a chunk \[4096, 4096\] of "
+                r"float32 \(67,108,864 bytes; gzip expands at most 1032x\)")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shape", [3, 2], r"target\.w/\.zarray declares shape \[3, 2\], the spec \[2, 3\]"),
+    ("dtype", "<f8", r"target\.w/\.zarray declares dtype '<f8', the spec float32"),
+    ("filters", [{"id": "delta"}], r"zarr filters are not supported \(target\.w/\.zarray\)"),
+    ("zarr_format", 3, r"target\.w/\.zarray is not a zarr v2 metadata object"),
+])
+def test_stored_zarr_metadata_must_agree_with_the_spec(layout, field, value, message):
+  directory, _, _ = layout
+  metadata = _write_zarr(directory / "target.w", VICTIM)
+  zarray = directory / "target.w" / ".zarray"
+  stored = json.loads(zarray.read_text())
+  stored[field] = value
+  zarray.write_text(json.dumps(stored))
+  _target_checkpoint(directory, {"w": _spec("target.w", VICTIM, metadata)})
+  _expect_error(directory, message)
+
+
+@pytest.mark.parametrize("depth", [100, 600, 1015])  # msgpack itself refuses over 1024
+def test_deep_msgpack_nesting_is_a_checkpoint_error(tmp_path, depth):
+  # Written by hand: msgpack's packer refuses this depth. 0x81 0xa1 'x' = {"x": ...}.
+  nested = b"\x81\xa1x" * depth + msgpack.packb(1.0)
+  prefix = msgpack.packb({"version": 3, "optimizer": {"target": {"w": None}}})
+  assert prefix.endswith(b"\xc0")  # the None, replaced by the nested map
+  directory = tmp_path / "ckpt"
+  directory.mkdir()
+  (directory / "checkpoint").write_bytes(prefix[:-1] + nested)
+  with pytest.raises(ckpt.CheckpointError, match=f"nested deeper than {ckpt.MAX_NESTING_DEPTH} "
+                     "levels") as info:
+    ckpt.read_t5x_tree(directory)
+  assert str(directory / "checkpoint") in str(info.value)
+  assert "optimizer/target/w/x/x" in str(info.value)
+
+
+@pytest.mark.parametrize("bad, shown", [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf"),
+                                        (1e39, "inf")])  # 1e39 overflows the float32 cast
+def test_nonfinite_parameters_are_refused_unless_allowed(tmp_path, bad, shown):
+  flat = {name: value.astype(np.float64) for name, value in
+          ckpt.flatten_params(_small_params()).items()}
+  flat["encoder/layers_1/mlp/wo/kernel"][3, 4] = bad
+  directory = _target_checkpoint(tmp_path / "ckpt", ckpt.unflatten_params(flat))
+  with pytest.raises(ckpt.CheckpointError, match=r"encoder/layers_1/mlp/wo/kernel: 1 non-finite "
+                     fr"value\(s\), the first {shown} at index \[3, 4\].*allow_nonfinite=True"):
+    load.load_pretrained(directory)
+  _, params = load.load_pretrained(directory, allow_nonfinite=True)
+  assert not np.isfinite(params["encoder"]["layers_1"]["mlp"]["wo"]["kernel"][3, 4])
