@@ -25,9 +25,19 @@ present, else ``tie_word_embeddings``) is folded into ``logits_dense`` --
 exact, because ``(x * s) @ W == x @ (s * W)``. After loading, the embedding
 and ``logits_dense`` are separate parameters, as in T5 v1.1 training.
 Only the gated-GeLU (v1.1) feed-forward is supported.
+
+Limits: ``config.json`` values are checked by type and range before anything
+is built from them (``_INT_FIELDS`` gives the ranges: far above every released
+T5, far below what would exhaust memory; flags must be JSON booleans); the
+safetensors files together may hold at most ``max_bytes`` (default
+``t5x_checkpoint.DEFAULT_MAX_BYTES``), checked before any is opened, and
+safetensors itself checks every declared shape against the bytes of its file;
+NaN and Inf weights are refused unless ``allow_nonfinite=True``. Every
+failure is a ``CheckpointError`` naming the file and the field or tensor.
 """
 
 import json
+import math
 import os
 from typing import Any, Mapping, Optional
 
@@ -35,8 +45,8 @@ import numpy as np
 from safetensors import safe_open
 
 from t5align.models import t5
-from t5align.models.t5x_checkpoint import (CheckpointError, check_t5_params, flatten_params,
-                                           unflatten_params)
+from t5align.models.t5x_checkpoint import (DEFAULT_MAX_BYTES, CheckpointError, check_finite,
+                                           check_t5_params, flatten_params, unflatten_params)
 
 CONFIG_FILENAME = "config.json"
 SAFETENSORS_FILENAME = "model.safetensors"
@@ -52,6 +62,15 @@ _ATTENTION = (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))
 _MLP = ("wi_0", "wi_1", "wo")
 _MODEL_TYPES = ("t5", "mt5")
 _GATED_GELU = ("gated-gelu", "gated-gelu_new")
+# config.json field -> (least, most). mT5-XXL, the largest released T5, has a
+# 250,112-token vocabulary, d_model 4096, d_ff 10,240 and 24 layers.
+_INT_FIELDS = {
+    "vocab_size": (1, 2**22), "d_model": (1, 2**16), "num_heads": (1, 2**10),
+    "d_kv": (1, 2**12), "d_ff": (1, 2**18), "num_layers": (1, 2**10),
+    "num_decoder_layers": (1, 2**10), "relative_attention_num_buckets": (2, 2**12),
+    "relative_attention_max_distance": (1, 2**20)}
+# config.json and the shard index are small JSON files (an index is ~100 KB).
+_MAX_JSON_BYTES = 64 * 2**20
 
 
 def _attention_rows(ours: str, hf: str) -> list:
@@ -100,6 +119,23 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str, **overrides) -> t5.T5C
       return default
     return hf[key]
 
+  def integer(key, default=None, required=False):
+    value = get(key, default, required)
+    least, most = _INT_FIELDS[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+      raise CheckpointError(source, key, f"expected an integer in [{least}, {most}], got "
+                            f"{value!r:.40}")
+    return value
+
+  def number(key, default, least, below, *, include_least):
+    value = get(key, default)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (least <= value if include_least else least < value) and value < below)
+    if not ok:
+      interval = f"{'[' if include_least else '('}{least}, {below})"
+      raise CheckpointError(source, key, f"expected a number in {interval}, got {value!r:.40}")
+    return float(value)
+
   model_type = get("model_type", required=True)
   if model_type not in _MODEL_TYPES:
     raise CheckpointError(source, "model_type", f"{model_type!r} is not supported (only "
@@ -115,16 +151,17 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str, **overrides) -> t5.T5C
     if value != want and not (key == "eos_token_id" and isinstance(value, list)
                               and want in value):
       raise CheckpointError(source, key, f"is {value!r}; this model hard-codes {want}")
-  num_layers = get("num_layers", required=True)
+  num_layers = integer("num_layers", required=True)
   fields = dict(
-      vocab_size=get("vocab_size", required=True), emb_dim=get("d_model", required=True),
-      num_heads=get("num_heads", required=True), head_dim=get("d_kv", required=True),
-      mlp_dim=get("d_ff", required=True), num_encoder_layers=num_layers,
-      num_decoder_layers=get("num_decoder_layers", num_layers),
-      relative_attention_num_buckets=get("relative_attention_num_buckets", 32),
-      relative_attention_max_distance=get("relative_attention_max_distance", 128),
-      dropout_rate=float(get("dropout_rate", 0.1)),
-      layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-6)))
+      vocab_size=integer("vocab_size", required=True),
+      emb_dim=integer("d_model", required=True), num_heads=integer("num_heads", required=True),
+      head_dim=integer("d_kv", required=True), mlp_dim=integer("d_ff", required=True),
+      num_encoder_layers=num_layers,
+      num_decoder_layers=integer("num_decoder_layers", num_layers),
+      relative_attention_num_buckets=integer("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=integer("relative_attention_max_distance", 128),
+      dropout_rate=number("dropout_rate", 0.1, 0.0, 1.0, include_least=True),
+      layer_norm_epsilon=number("layer_norm_epsilon", 1e-6, 0.0, 1.0, include_least=False))
   fields.update(overrides)
   try:
     return t5.T5Config(**fields)
@@ -132,17 +169,25 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str, **overrides) -> t5.T5C
     raise CheckpointError(source, None, f"invalid T5 dimensions: {e}") from e
 
 
-def _head_convention(hf: Mapping[str, Any]) -> tuple[bool, bool]:
+def _head_convention(hf: Mapping[str, Any], source: str) -> tuple[bool, bool]:
   """(lm_head falls back to the embedding, decoder output scaled by d_model**-0.5)."""
-  tied = hf.get("tie_word_embeddings", True) is not False
-  scaled = hf.get("scale_decoder_outputs", tied) is not False
-  return tied, scaled
+  def flag(key, default):
+    value = hf.get(key)
+    if value is None:
+      return default
+    if not isinstance(value, bool):  # the string "false" would otherwise read as true
+      raise CheckpointError(source, key, f"expected true or false, got {value!r:.40}")
+    return value
+
+  tied = flag("tie_word_embeddings", True)
+  return tied, flag("scale_decoder_outputs", tied)
 
 
 def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: t5.T5Config, *,
                        tie_word_embeddings: bool = False, scale_decoder_outputs: bool = False,
                        source: str = "<state dict>",
-                       files: Optional[Mapping[str, str]] = None) -> dict:
+                       files: Optional[Mapping[str, str]] = None,
+                       allow_nonfinite: bool = False) -> dict:
   """Our float32 parameter tree from HF PyTorch-named arrays.
 
   Args:
@@ -152,6 +197,7 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: t5.T5Config, *
     scale_decoder_outputs: fold HF's ``d_model**-0.5`` decoder-output scale
       into ``logits_dense``.
     source: named in errors; ``files`` maps tensor names to their shard file.
+    allow_nonfinite: accept NaN and Inf values (refused by default).
   """
   files = files or {}
 
@@ -198,11 +244,14 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: t5.T5Config, *
     if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
       raise CheckpointError(where(hf), hf, f"dtype {value.dtype} is not a floating-point type")
     value = value.astype(np.float32)
+    if not allow_nonfinite:
+      check_finite(value, source=where(hf), name=hf)
     flat[ours] = np.ascontiguousarray(value.T) if transpose else value
   if scale_decoder_outputs:
     flat["decoder/logits_dense/kernel"] = (
         flat["decoder/logits_dense/kernel"] * np.float32(config.emb_dim ** -0.5))
-  return check_t5_params(unflatten_params(flat), config, source=source)
+  # Checked above under their HF names and files; the scale keeps finite values finite.
+  return check_t5_params(unflatten_params(flat), config, source=source, allow_nonfinite=True)
 
 
 def to_hf_state_dict(params: Mapping, config: t5.T5Config) -> dict[str, np.ndarray]:
@@ -275,12 +324,27 @@ def _shard_path(directory: str, filename: Any, source: str, field: str) -> str:
   return path
 
 
-def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _read_json(path: str, field: Optional[str], what: str) -> Any:
+  try:
+    size = os.path.getsize(path)
+    if size > _MAX_JSON_BYTES:
+      raise CheckpointError(path, field, f"{what} of {size:,} bytes is over the "
+                            f"{_MAX_JSON_BYTES:,} bytes such a file can need")
+    with open(path, "rb") as f:
+      return json.loads(f.read())
+  except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+    raise CheckpointError(path, field, f"unreadable {what}: {e}") from e
+
+
+def read_hf_tensors(directory: str, *,
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict[str, np.ndarray],
+                                                                 dict[str, str]]:
   """All tensors of a HF model directory: (name -> array, name -> file).
 
   Reads ``model.safetensors`` if present (as ``transformers`` does), else the
   shards of ``model.safetensors.index.json``; every shard must hold exactly
-  the tensors the index assigns to it.
+  the tensors the index assigns to it. The shard files may hold at most
+  ``max_bytes`` together.
   """
   directory = os.fspath(directory)
   single = os.path.join(directory, SAFETENSORS_FILENAME)
@@ -289,11 +353,8 @@ def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, st
     assignment = None
     shards = [single]
   elif os.path.isfile(index_path):
-    try:
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(index_path, "weight_map", f"unreadable safetensors index: {e}") from e
+    index = _read_json(index_path, "weight_map", "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
       raise CheckpointError(index_path, "weight_map", "must map tensor names to shard files")
     assignment = {name: _shard_path(directory, shard, index_path, f"weight_map[{name!r}]")
@@ -302,6 +363,11 @@ def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, st
   else:
     raise CheckpointError(directory, None, f"no {SAFETENSORS_FILENAME} or "
                           f"{SAFETENSORS_INDEX_FILENAME} (pickle-based .bin weights are not read)")
+  total = sum(os.path.getsize(shard) for shard in shards)
+  if total > max_bytes:
+    raise CheckpointError(directory, None, f"safetensors files of {total:,} bytes are over "
+                          f"max_bytes={max_bytes:,}; pass a larger max_bytes if the checkpoint "
+                          "really is that large")
   tensors, files = {}, {}
   for shard in shards:
     try:
@@ -328,27 +394,27 @@ def read_hf_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, st
 
 def read_hf_config(directory: str) -> dict:
   path = os.path.join(os.fspath(directory), CONFIG_FILENAME)
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(path, None, f"unreadable Hugging Face config: {e}") from e
+  config = _read_json(path, None, "Hugging Face config")
   if not isinstance(config, dict):
     raise CheckpointError(path, None, "config.json must hold a JSON object")
   return config
 
 
-def load_hf_checkpoint(directory: str, **config_overrides) -> tuple[t5.T5Config, dict]:
+def load_hf_checkpoint(directory: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                       allow_nonfinite: bool = False,
+                       **config_overrides) -> tuple[t5.T5Config, dict]:
   """``(T5Config, float32 numpy params)`` from a HF T5 v1.1 / Flan-T5 directory.
 
   ``config_overrides`` (e.g. ``dtype='float32'``, ``dropout_rate=0.0``)
-  replace values from ``config.json``.
+  replace values from ``config.json``. The safetensors files may hold at most
+  ``max_bytes`` (the float32 copy comes on top); NaN or Inf weights are
+  refused unless ``allow_nonfinite``. Raises ``CheckpointError``.
   """
   config_path = os.path.join(os.fspath(directory), CONFIG_FILENAME)
   hf = read_hf_config(directory)
   config = config_from_hf(hf, source=config_path, **config_overrides)
-  tied, scaled = _head_convention(hf)
-  tensors, files = read_hf_tensors(directory)
+  tied, scaled = _head_convention(hf, config_path)
+  tensors, files = read_hf_tensors(directory, max_bytes=max_bytes)
   return config, from_hf_state_dict(tensors, config, tie_word_embeddings=tied,
                                     scale_decoder_outputs=scaled, source=os.fspath(directory),
-                                    files=files)
+                                    files=files, allow_nonfinite=allow_nonfinite)

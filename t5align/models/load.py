@@ -11,6 +11,13 @@ Formats, told apart by their files:
   ``model_checkpoint_path``), pickle-based HF weights (``pytorch_model.bin``),
   and a T5X model directory holding several ``checkpoint_<step>``
   subdirectories (pick one).
+
+Every problem with a checkpoint raises ``CheckpointError`` (a ``ValueError``)
+naming the file and the field, parameter or tensor. Both readers check what
+the files declare before allocating it, up to ``max_bytes`` of arrays
+(default ``t5x_checkpoint.DEFAULT_MAX_BYTES``, 64 GiB), and refuse NaN and Inf
+weights unless ``allow_nonfinite=True``; the module docstrings of
+``t5x_checkpoint`` and ``hf_checkpoint`` list the checks.
 """
 
 import os
@@ -56,15 +63,19 @@ def detect_format(path: str) -> tuple[str, str]:
                         "(checkpoint) directory")
 
 
-def load_pretrained(path: str, **config_overrides) -> tuple[t5.T5Config, dict]:
+def load_pretrained(path: str, *, max_bytes: int = t5x_checkpoint.DEFAULT_MAX_BYTES,
+                    allow_nonfinite: bool = False,
+                    **config_overrides) -> tuple[t5.T5Config, dict]:
   """``(T5Config, params)`` from a checkpoint in any supported format.
 
   ``params`` is a plain nested dict of float32 numpy arrays with our (= T5X)
   names. ``config_overrides`` replace config values, e.g. ``dtype='float32'``
   for float32 activations or ``dropout_rate=0.1`` (T5X checkpoints do not
-  record dropout; Hugging Face ones do).
+  record dropout; Hugging Face ones do). ``max_bytes`` bounds the arrays as
+  stored (the float32 copy comes on top); ``allow_nonfinite`` accepts NaN and
+  Inf weights. Raises ``CheckpointError``.
   """
   kind, resolved = detect_format(path)
-  if kind == HF:
-    return hf_checkpoint.load_hf_checkpoint(resolved, **config_overrides)
-  return t5x_checkpoint.load_t5x_checkpoint(resolved, **config_overrides)
+  reader = hf_checkpoint.load_hf_checkpoint if kind == HF else t5x_checkpoint.load_t5x_checkpoint
+  return reader(resolved, max_bytes=max_bytes, allow_nonfinite=allow_nonfinite,
+                **config_overrides)

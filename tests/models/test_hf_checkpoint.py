@@ -306,3 +306,74 @@ def test_pickle_weights_are_not_read(tmp_path):
   (directory / "pytorch_model.bin").write_bytes(b"not read")
   with pytest.raises(CheckpointError, match="without safetensors weights.*pytorch_model.bin"):
     load.load_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------
+# Import limits: config values by type and range, bounded reads, finite weights.
+
+@pytest.mark.parametrize("changes, field, message", [
+    ({"num_layers": 10**7}, "num_layers", r"expected an integer in \[1, 1024\], got 10000000"),
+    ({"num_layers": 0}, "num_layers", r"expected an integer in \[1, 1024\], got 0"),
+    ({"num_decoder_layers": 2.0}, "num_decoder_layers", "expected an integer.*got 2.0"),
+    ({"vocab_size": True}, "vocab_size", "expected an integer.*got True"),
+    ({"d_model": "10"}, "d_model", "expected an integer.*got '10'"),
+    ({"dropout_rate": "abc"}, "dropout_rate", r"expected a number in \[0.0, 1.0\), got 'abc'"),
+    ({"dropout_rate": [0.1]}, "dropout_rate", r"expected a number in \[0.0, 1.0\), got \[0.1\]"),
+    ({"dropout_rate": 1.5}, "dropout_rate", r"expected a number in \[0.0, 1.0\), got 1.5"),
+    ({"layer_norm_epsilon": "tiny"}, "layer_norm_epsilon",
+     r"expected a number in \(0.0, 1.0\), got 'tiny'"),
+    ({"layer_norm_epsilon": 0}, "layer_norm_epsilon", r"expected a number in \(0.0, 1.0\), got 0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings", "expected true or false, got "
+     "'false'"),
+    ({"scale_decoder_outputs": 0}, "scale_decoder_outputs", "expected true or false, got 0"),
+])
+def test_config_values_are_checked_by_type_and_range(tmp_path, params, changes, field, message):
+  directory = _write(tmp_path / "m", _hf_tensors(params), _hf_config(**changes))
+  with pytest.raises(CheckpointError, match=f"config.json: {field}: {message}"):
+    load.load_pretrained(directory)
+
+
+def test_nan_weight_is_refused_with_its_file_unless_allowed(tmp_path, params):
+  tensors = _hf_tensors(params)
+  names = sorted(tensors)
+  victim = "decoder.block.1.layer.2.DenseReluDense.wo.weight"
+  tensors[victim] = tensors[victim].copy()
+  tensors[victim][2, 5] = np.nan
+  directory = _write(tmp_path / "m", tensors, shards={"a.safetensors": names[:20],
+                                                      "b.safetensors": names[20:]})
+  shard = "a" if victim in names[:20] else "b"
+  with pytest.raises(CheckpointError, match=fr"{shard}\.safetensors: {victim}: 1 non-finite "
+                     r"value\(s\), the first nan at index \[2, 5\]"):
+    load.load_pretrained(directory)
+  _, loaded = load.load_pretrained(directory, allow_nonfinite=True)
+  assert np.isnan(loaded["decoder"]["layers_1"]["mlp"]["wo"]["kernel"][5, 2])
+
+
+def test_safetensors_over_max_bytes_are_not_opened(tmp_path, params):
+  directory = _write(tmp_path / "m", _hf_tensors(params))
+  size = os.path.getsize(directory / "model.safetensors")
+  assert hf.load_hf_checkpoint(directory, max_bytes=size)[1].keys() == params.keys()
+  with pytest.raises(CheckpointError, match=f"m: safetensors files of {size:,} bytes are over "
+                     f"max_bytes={size - 1:,}"):
+    load.load_pretrained(directory, max_bytes=size - 1)
+
+
+@pytest.mark.parametrize("shape", [[2**17, 2**17], [2**32, 2**32]])
+def test_safetensors_header_declaring_more_than_the_file_holds(tmp_path, shape):
+  directory = tmp_path / "m"
+  directory.mkdir()
+  header = json.dumps({"shared.weight": {"dtype": "F32", "shape": shape,
+                                         "data_offsets": [0, 4]}}).encode()
+  (directory / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header
+                                                + b"\0" * 4)
+  with pytest.raises(CheckpointError, match="model.safetensors: unreadable safetensors file"):
+    hf.read_hf_tensors(directory)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_json_is_a_checkpoint_error(tmp_path, params, name):
+  directory = _write(tmp_path / "m", _hf_tensors(params), shards={
+      "a.safetensors": sorted(_hf_tensors(params))})
+  (directory / name).write_text("[" * 100_000 + "]" * 100_000)
+  with pytest.raises(CheckpointError, match=f"{name}: .*unreadable"):
+    hf.load_hf_checkpoint(directory)
