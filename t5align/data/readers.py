@@ -39,6 +39,7 @@ Rules common to all readers (docs/datasets.md explains them at more length):
    so its pairs are ordered by a hash of the example id to balance labels.
 """
 
+import codecs
 import collections
 import dataclasses
 import functools
@@ -48,7 +49,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Union
+import zlib
+from typing import Any, Callable, Collection, Hashable, Iterator, Optional, Sequence, Union
 
 from t5align.data import schema
 
@@ -63,6 +65,9 @@ ARENA_TIES = ("tie", "tie (bothbad)")
 ARENA_WINNERS = ("model_a", "model_b") + ARENA_TIES
 
 _SUFFIXES = (".json", ".jsonl", ".parquet")
+# The public records nest at most four levels (arena: openai_moderation.results[0].categories).
+MAX_JSON_DEPTH = 32
+_DECOMPRESSION_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 logger = logging.getLogger(__name__)
 
@@ -174,56 +179,93 @@ def _file_key(path: str) -> str:
 
 
 def _records(path: str) -> Iterator[tuple[str, int, Any]]:
-  """Yields (location, number, record); a record that is not valid JSON is an _Invalid."""
+  """Yields (location, number, record); a record that is not valid JSON is an _Invalid.
+
+  A file that cannot be read to its end raises BadRecordError naming the file
+  and where reading stopped.
+  """
   suffix, gzipped = _format(path)
   if suffix == ".parquet":
     yield from _parquet_rows(path)
     return
   opener = gzip.open if gzipped else open
-  try:
-    if suffix == ".json" and _starts_with_bracket(path, opener):
-      yield from _json_array(path, opener)
-    else:
-      yield from _json_lines(path, opener)
-  except (EOFError, gzip.BadGzipFile) as e:
-    raise ValueError(f"{path}: cannot decompress: {e}") from e
+  if suffix == ".json" and _starts_with_bracket(path, opener):
+    yield from _json_array(path, opener)
+  else:
+    yield from _json_lines(path, opener)
+
+
+def _damaged(path: str, where: str, e: Exception) -> schema.BadRecordError:
+  return schema.BadRecordError(path, where, "<file>", f"cannot decompress: {e}; the file is "
+                               "damaged or truncated (download it again)")
 
 
 def _starts_with_bracket(path: str, opener: Callable) -> bool:
-  with opener(path, "rb") as f:
-    while chunk := f.read(4096):
-      stripped = chunk.lstrip()
-      if stripped:
-        return stripped.startswith(b"[")
+  try:
+    with opener(path, "rb") as f:
+      while chunk := f.read(4096):
+        stripped = chunk.lstrip()
+        if stripped:
+          return stripped.startswith(b"[")
+  except _DECOMPRESSION_ERRORS as e:
+    raise _damaged(path, "line 1", e) from None
   return False
 
 
+def _decode_line(raw: bytes, number: int) -> Any:
+  """One JSON line -> its value, or an _Invalid saying why it is not a record."""
+  if number == 1 and raw.startswith(codecs.BOM_UTF8):
+    raw = raw[len(codecs.BOM_UTF8):]
+  try:
+    # json.loads(bytes) would let raw surrogate bytes through ('surrogatepass').
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return _Invalid("<json>", f"not valid UTF-8 at byte {e.start}: {e.reason}", "bad_encoding")
+  try:
+    return json.loads(text, object_pairs_hook=_object)
+  except ValueError as e:
+    return _Invalid("<json>", f"not valid JSON: {e}", "malformed_json")
+  except RecursionError:
+    return _Invalid("<json>", f"nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
+
+
 def _json_lines(path: str, opener: Callable) -> Iterator[tuple[str, int, Any]]:
-  with opener(path, "rb") as f:
-    for number, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      try:
-        record = json.loads(raw.rstrip(b"\r\n"))
-      except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        record = _Invalid("<json>", f"not valid JSON: {e}", "malformed_json")
-      yield f"line {number}", number, record
+  number = 0
+  try:
+    with opener(path, "rb") as f:
+      for number, raw in enumerate(f, start=1):
+        if raw.strip():
+          yield f"line {number}", number, _decode_line(raw.rstrip(b"\r\n"), number)
+  except _DECOMPRESSION_ERRORS as e:
+    raise _damaged(path, f"line {number + 1}", e) from None
 
 
 def _json_array(path: str, opener: Callable) -> Iterator[tuple[str, int, Any]]:
-  with opener(path, "rb") as f:
-    text = f.read()
   try:
-    data = json.loads(text)
+    with opener(path, "rb") as f:
+      data = f.read()
+  except _DECOMPRESSION_ERRORS as e:
+    raise _damaged(path, "file", e) from None
+  # One broken array loses the whole file, so none of these is skippable.
+  if data.startswith(codecs.BOM_UTF8):
+    data = data[len(codecs.BOM_UTF8):]
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise schema.BadRecordError(path, f"line {line}", "<json>",
+                                f"not valid UTF-8: {e.reason}") from None
+  try:
+    array = json.loads(text, object_pairs_hook=_object)
   except json.JSONDecodeError as e:
-    # One broken array loses the whole file, so this is never skippable.
     raise schema.BadRecordError(path, f"line {e.lineno}", "<json>",
                                 f"not a valid JSON array: {e.msg}") from None
-  except ValueError as e:
-    raise schema.BadRecordError(path, "file", "<json>", f"not valid UTF-8 JSON: {e}") from None
-  if not isinstance(data, list):
+  except RecursionError:
+    raise schema.BadRecordError(path, "file", "<json>", "nested too deep to parse (records may "
+                                f"nest at most {MAX_JSON_DEPTH} levels)") from None
+  if not isinstance(array, list):
     raise schema.BadRecordError(path, "file", "<json>", "expected a JSON array or JSON lines")
-  for index, record in enumerate(data):
+  for index, record in enumerate(array):
     yield f"element {index}", index, record
 
 
@@ -234,15 +276,74 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, int, Any]]:
   except ImportError:
     raise ImportError(
         f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+  index = 0
   try:
-    batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-    index = 0
+    # Page checksums catch flipped bytes in files written with them; without
+    # them a flip that still decodes cannot be told from data (docs/data.md).
+    batches = pq.ParquetFile(path, page_checksum_verification=True).iter_batches(batch_size=1024)
     for batch in batches:
       for record in batch.to_pylist():
         yield f"row {index}", index, record
         index += 1
-  except pa.ArrowException as e:
-    raise ValueError(f"{path}: not a readable parquet file: {e}") from e
+  # pyarrow raises OSError for corrupt pages and UnicodeDecodeError for broken strings.
+  except (pa.ArrowException, OSError, ValueError) as e:
+    raise schema.BadRecordError(path, f"row {index}", "<file>", "not a readable parquet file "
+                                f"from this row on: {e}; the file is damaged or truncated "
+                                "(download it again)") from None
+
+
+class _Object(dict):
+  """A JSON object that repeated a key; ``_check_values`` makes it a bad record."""
+  duplicate: str = ""
+
+
+def _object(pairs: list) -> dict:
+  out = dict(pairs)
+  if len(out) == len(pairs):
+    return out
+  seen = set()
+  marked = _Object(pairs)
+  marked.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+  return marked
+
+
+def _check_values(record: Any) -> None:
+  """Raises _Invalid for a duplicate key, nesting over MAX_JSON_DEPTH or text that is not UTF-8.
+
+  Python strings from JSON escapes may hold lone UTF-16 surrogates
+  ('\\ud800'), which no UTF-8 writer (tfds included) accepts. Iterative, so a
+  deep record cannot exhaust the stack.
+  """
+  stack = [(record, "", 0)]
+  while stack:
+    value, field, depth = stack.pop()
+    if depth > MAX_JSON_DEPTH:
+      raise _Invalid(field, f"nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
+    if isinstance(value, str):
+      _check_text(value, field or "<record>")
+    elif isinstance(value, dict):
+      if isinstance(value, _Object):
+        raise _Invalid(_field(field, value.duplicate), "duplicate key in a JSON object",
+                       "duplicate_key")
+      for key, item in value.items():
+        _check_text(key, _field(field, key))
+        stack.append((item, _field(field, key), depth + 1))
+    elif isinstance(value, list):
+      stack.extend((item, f"{field}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _field(parent: str, key: str) -> str:
+  return f"{parent}.{key}" if parent else key
+
+
+def _check_text(text: str, field: str) -> None:
+  if text.isascii():
+    return
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise _Invalid(field, f"text cannot be encoded as UTF-8 ({e.reason} {text[e.start]!r} at "
+                   f"character {e.start})", "bad_encoding") from None
 
 
 # --------------------------------------------------------------------------- driver
@@ -250,14 +351,17 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, int, Any]]:
 
 def _read(paths: Paths, task: str,
           parse: Callable[[dict, str], Union[schema.PreferenceExample, str]], *,
-          skip_bad: bool, id_field: Optional[str] = None) -> ReadResult:
+          skip_bad: bool, id_field: Optional[str] = None,
+          id_of: Optional[Callable[[dict], tuple[str, Hashable]]] = None) -> ReadResult:
   """Runs ``parse`` over every record and applies the common rules.
 
   ``parse(record, default_id)`` returns an example, or the name of the rule
   that drops the record ('tie', 'multi_turn' or a ``dropped`` key), or raises
   _Invalid. ``default_id`` is f"{task}:{parent/stem}:{number}". ``id_field``
   names the record field an example id comes from when it is not
-  file-derived; such ids must be unique in a read.
+  file-derived, and ``id_of(record)`` (called once ``parse`` accepted it)
+  gives that id and what it names: every record with the id, kept or
+  dropped, must name the same thing.
   """
   files = _expand(paths)
   if id_field is None:
@@ -271,7 +375,7 @@ def _read(paths: Paths, task: str,
   examples: list[schema.PreferenceExample] = []
   # (prompt, lesser response, greater response) -> P(lesser preferred) of the kept pair.
   pairs: dict[tuple[str, str, str], float] = {}
-  ids: dict[str, str] = {}
+  ids: dict[str, tuple[Hashable, str]] = {}  # example id -> (what it names, first location)
   for path in files:
     key = _file_key(path)
     for where, number, record in _records(path):
@@ -282,12 +386,14 @@ def _read(paths: Paths, task: str,
         if not isinstance(record, dict):
           raise _Invalid("<record>", f"expected a JSON object, got {type(record).__name__}",
                          "not_an_object")
+        _check_values(record)
         out = parse(record, f"{task}:{key}:{number}")
-        if not isinstance(out, str) and id_field and out.example_id in ids:
-          pair_key = _pair_key(out)
-          if pair_key not in pairs:
-            raise _Invalid(id_field, f"id {out.example_id!r} already used by {ids[out.example_id]} "
-                           "for a different pair", "duplicate_id")
+        if id_of is not None:
+          example_id, named = id_of(record)
+          first_named, first_where = ids.setdefault(example_id, (named, f"{path} {where}"))
+          if first_named != named:
+            raise _Invalid(id_field, f"id {example_id!r} already used by {first_where} for a "
+                           "different pair", "duplicate_id")
       except _Invalid as e:
         error = schema.BadRecordError(path, where, e.field, e.problem)
         if not skip_bad:
@@ -314,7 +420,6 @@ def _read(paths: Paths, task: str,
         stats.duplicate_label_conflicts += pairs[pair_key] != p_lesser
         continue
       pairs[pair_key] = p_lesser
-      ids.setdefault(out.example_id, f"{path} {where}")
       examples.append(out)
   stats.kept = len(examples)
   assert stats.accounted() == stats.read, stats
@@ -470,7 +575,7 @@ def read_chatbot_arena(paths: Paths, *, skip_bad: bool = False,
   ``keep_ties`` kept with label 0.5. example_id = "chat_arena:{question_id}".
   """
   return _read(paths, "chat_arena", functools.partial(_parse_arena, keep_ties=keep_ties),
-               skip_bad=skip_bad, id_field="question_id")
+               skip_bad=skip_bad, id_field="question_id", id_of=_arena_battle)
 
 
 def _conversation(record: dict, name: str, turn: int) -> list[tuple[str, str]]:
@@ -526,6 +631,19 @@ def _parse_arena(record: dict, default_id: str, *, keep_ties: bool):
   return schema.PreferenceExample(
       prompt=prompt, response_a=response_a, response_b=response_b, label=label, task="chat_arena",
       source=HUMAN, example_id=f"chat_arena:{question_id}")
+
+
+def _arena_battle(record: dict) -> tuple[str, Hashable]:
+  """(example id, the battle it names) of a record ``_parse_arena`` accepted.
+
+  The battle is its two conversations, unordered and with assistant messages
+  stripped: the same battle with its sides swapped, or read from two copies
+  of a file, is a duplicate pair, not a reused id.
+  """
+  sides = frozenset(
+      tuple(m["content"].strip() if m["role"] == "assistant" else m["content"]
+            for m in record[name]) for name in ("conversation_a", "conversation_b"))
+  return f"chat_arena:{record['question_id']}", sides
 
 
 READERS: dict[str, Callable[..., ReadResult]] = {

@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 import os
+import random
+import re
 import shutil
 
 import pytest
@@ -380,7 +382,9 @@ def test_missing_unsupported_and_corrupt_files(tmp_path):
     readers.read_chatbot_arena(str(csv))
   broken = tmp_path / "train.jsonl.gz"
   broken.write_bytes(gzip.compress(b'{"chosen": "x"}\n' * 50)[:40])
-  with pytest.raises(ValueError, match=r"train\.jsonl\.gz: cannot decompress"):
+  # The first 40 bytes inflate to all 50 lines; the stream end is missing.
+  with pytest.raises(BadRecordError, match=r"train\.jsonl\.gz: record line 51: field '<file>': "
+                     "cannot decompress"):
     readers.read_hh(str(broken), subset="helpful-base", skip_bad=True)
 
 
@@ -397,3 +401,179 @@ def test_readers_table_and_summary():
   assert stats.summary() == (
       "chat_arena: 1 file(s), 7 records read, 3 kept; 2 ties dropped; "
       "1 multi-turn dropped; 1 duplicates dropped (0 with a conflicting label)")
+
+
+# ------------------------------------------------------------------------- hostile text and files
+
+def _hh_line(question, good="Yes.", bad="No."):
+  return json.dumps({"chosen": f"\n\nHuman: {question}\n\nAssistant: {good}",
+                     "rejected": f"\n\nHuman: {question}\n\nAssistant: {bad}"})
+
+
+def _write_bytes(path, lines):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(b"\n".join(lines) + b"\n")
+  return path
+
+
+@pytest.mark.parametrize("line, field, reason", [
+    # A lone surrogate as a JSON escape, in a field the reader uses ...
+    (_hh_line("q?", good="Yes \ud800."), "chosen", "bad_encoding"),
+    # ... and as raw (CESU-style) bytes, which json.loads(bytes) would let through.
+    (_hh_line("q?").replace("Yes.", "Yes \udc80.").encode("utf-8", "surrogatepass"), "<json>",
+     "bad_encoding"),
+    (_hh_line("q?").encode().replace(b"Yes.", b"Yes \xff."), "<json>", "bad_encoding"),
+    # Unused fields are text too; keys as well.
+    (_hh_line("q?")[:-1] + ', "note": "\\udfff"}', "note", "bad_encoding"),
+    (_hh_line("q?")[:-1] + ', "\\ud800": 1}', "\ud800", "bad_encoding"),
+    # Duplicate keys, at the top and nested.
+    (_hh_line("q?")[:-1] + ', "chosen": "\\n\\nHuman: q?\\n\\nAssistant: Maybe."}', "chosen",
+     "duplicate_key"),
+    (_hh_line("q?")[:-1] + ', "meta": {"a": 1, "a": 2}}', "meta.a", "duplicate_key"),
+    # Nesting: parseable but deeper than MAX_JSON_DEPTH, and deep enough to break json.
+    (_hh_line("q?")[:-1] + ', "x": ' + "[" * 40 + "]" * 40 + "}", "x" + "[0]" * 32,
+     "too_deep"),
+    (_hh_line("q?")[:-1] + ', "x": ' + "[" * 1000 + "]" * 1000 + "}", None, "too_deep"),
+    (_hh_line("q?")[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}", None, "too_deep"),
+])
+def test_unencodable_duplicated_and_deep_records_are_bad(tmp_path, line, field, reason):
+  line = line.encode() if isinstance(line, str) else line
+  good = [_hh_line(f"q{i}?").encode() for i in range(3)]
+  path = _write_bytes(str(tmp_path / "helpful-base" / "train.jsonl"), good[:2] + [line, good[2]])
+  with pytest.raises(BadRecordError) as info:
+    readers.read_hh(path, subset="helpful-base")
+  assert info.value.path == path and info.value.record == "line 3"
+  if field is not None:
+    assert info.value.field == field
+  examples, stats = readers.read_hh(path, subset="helpful-base", skip_bad=True)
+  assert [e.example_id for e in examples] == [f"hh_helpful:helpful-base/train:{n}"
+                                               for n in (1, 2, 4)]
+  assert (stats.read, stats.skipped_bad, stats.bad_reasons) == (4, 1, {reason: 1})
+  for e in examples:  # Everything kept can be written as UTF-8.
+    for text in (e.prompt, e.response_a, e.response_b, e.example_id):
+      text.encode("utf-8")
+
+
+def test_valid_escapes_and_bom_are_accepted(tmp_path):
+  # An escaped surrogate *pair* is one astral character; a BOM may start the file.
+  line = _hh_line("emoji?", good="Here: \U0001F600")
+  assert "\\ud83d\\ude00" in line
+  path = _write_bytes(str(tmp_path / "helpful-base" / "train.jsonl"),
+                      [b"\xef\xbb\xbf" + line.encode()])
+  (example,), _ = readers.read_hh(path, subset="helpful-base")
+  assert "Here: \U0001F600" in (example.response_a, example.response_b)
+
+
+def test_json_array_file_level_and_element_problems(tmp_path):
+  path = tmp_path / "array.json"
+  records = [json.loads(line) for line in _lines(TLDR_GOOD)[:2]]
+  text = json.dumps(records, indent=1)
+  # A duplicate key spoils its own element only.
+  path.write_text(text.replace('"choice": 1', '"choice": 1, "choice": 0', 1))
+  examples, stats = readers.read_tldr_comparisons(str(path), skip_bad=True)
+  assert (len(examples), stats.bad_reasons) == (1, {"duplicate_key": 1})
+  # Raw surrogate bytes or nesting json cannot parse lose the whole array: always an error.
+  lines = text.encode().split(b"\n")
+  lines[5] = lines[5].replace(b'": "', b'": "\xed\xa0\x80', 1)
+  path.write_bytes(b"\n".join(lines))
+  with pytest.raises(BadRecordError, match=r"array\.json: record line 6: field '<json>': not "
+                                           "valid UTF-8"):
+    readers.read_tldr_comparisons(str(path), skip_bad=True)
+  path.write_text("[" * 100_000 + "]" * 100_000)
+  with pytest.raises(BadRecordError, match=r"array\.json: record file: field '<json>': nested "
+                                           "too deep"):
+    readers.read_tldr_comparisons(str(path), skip_bad=True)
+
+
+def test_damaged_gzip_is_an_error_naming_the_file_never_altered_rows(tmp_path):
+  lines = [_hh_line(f"question {i} {'x' * (i % 17)}?", good=f"answer {i}") for i in range(300)]
+  path = _write(str(tmp_path / "helpful-base" / "train.jsonl.gz"), lines)
+  data = open(path, "rb").read()
+  want, _ = readers.read_hh(path, subset="helpful-base")
+  rng = random.Random(13)
+  errors = 0
+  for _ in range(40):
+    damaged = bytearray(data)
+    position = rng.randrange(10, len(data))  # past the fixed header
+    damaged[position] ^= 1 << rng.randrange(8)
+    with open(path, "wb") as f:
+      f.write(damaged)
+    try:
+      got, _ = readers.read_hh(path, subset="helpful-base", skip_bad=True)
+    except BadRecordError as e:
+      assert e.path == path and e.field == "<file>" and "cannot decompress" in e.problem
+      assert re.fullmatch(r"line \d+", e.record)
+      errors += 1
+      continue
+    assert got == want  # A flip gzip's CRC cannot see changed no record.
+  assert errors >= 30
+
+
+def test_damaged_parquet_is_an_error_naming_the_file(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  rows = [json.loads(line) for line in _lines(ARENA_GOOD)]
+  path = str(tmp_path / "train.parquet")
+  # With page checksums, a flipped letter that would still decode is caught.
+  pq.write_table(pa.Table.from_pylist(rows), path, compression="none", write_page_checksum=True)
+  data = open(path, "rb").read()
+  position = data.index(b"The capital of France is Paris.") + len("The capital of France is ")
+  with open(path, "wb") as f:
+    f.write(data[:position] + b"p" + data[position + 1:])
+  with pytest.raises(BadRecordError, match=r"train\.parquet: record row 0: field '<file>': not a "
+                                           "readable parquet file from this row on"):
+    readers.read_chatbot_arena(path, skip_bad=True)
+  # Without them (pyarrow's default), any damage is an error or, at worst, undetectable.
+  pq.write_table(pa.Table.from_pylist(rows * 50), path)
+  data = open(path, "rb").read()
+  rng = random.Random(5)
+  for _ in range(30):
+    damaged = bytearray(data)
+    start = rng.randrange(4, len(data) - 16)
+    damaged[start:start + 8] = bytes(b ^ 0xFF for b in damaged[start:start + 8])
+    with open(path, "wb") as f:
+      f.write(damaged)
+    try:
+      readers.read_chatbot_arena(path, skip_bad=True)
+    except BadRecordError as e:
+      assert e.path == path and (e.field == "<file>" or e.record.startswith("row "))
+
+
+@pytest.mark.parametrize("order", ["tie_first", "clash_with_a_third_pair"])
+def test_arena_question_id_reuse_is_bad_whatever_the_first_record(tmp_path, order):
+  rows = [json.loads(line) for line in _lines(ARENA_GOOD)]
+  if order == "tie_first":
+    # Row 2 is a tie (dropped); a kept battle reusing its id is still a reuse.
+    clash = dict(rows[0], question_id=rows[2]["question_id"])
+    lines = [rows[2], clash]
+  else:
+    # Row 1's id on row 0's pair: a duplicate of row 0's pair, but not what row 1's id names.
+    clash = dict(rows[0], question_id=rows[1]["question_id"])
+    lines = [rows[0], rows[1], clash]
+  path = _write(str(tmp_path / "clash.jsonl"), [json.dumps(r) for r in lines])
+  with pytest.raises(BadRecordError, match=fr"clash\.jsonl: record line {len(lines)}: field "
+                                           "'question_id': id .* already used by .*clash.jsonl "
+                                           "line 1 for a different pair" if order == "tie_first"
+                     else r"line 2 for a different pair"):
+    readers.read_chatbot_arena(path)
+  _, stats = readers.read_chatbot_arena(path, skip_bad=True)
+  assert stats.bad_reasons == {"duplicate_id": 1}
+  # The same battle with its sides swapped under the same id is a duplicate, not a reuse.
+  swapped = dict(rows[0], model_a=rows[0]["model_b"], model_b=rows[0]["model_a"],
+                 conversation_a=rows[0]["conversation_b"], conversation_b=rows[0]["conversation_a"],
+                 winner="model_b")
+  path = _write(str(tmp_path / "swap.jsonl"), [json.dumps(rows[0]), json.dumps(swapped)])
+  examples, stats = readers.read_chatbot_arena(path)
+  assert examples == ARENA_EXPECTED[:1] and stats.duplicates_dropped == 1
+
+
+def test_prepare_names_the_file_and_line_of_unencodable_text(tmp_path):
+  from t5align.data import prepare  # pylint: disable=g-import-not-at-top
+  manual = tmp_path / "manual" / "helpful-base"
+  train = _write(str(manual / "train.jsonl"),
+                 [_hh_line("a?"), _hh_line("b?", good="\ud800"), _hh_line("c?")])
+  _write(str(manual / "test.jsonl"), [_hh_line("d?")])
+  # Before tfds sees the text (it used to die there with a UnicodeEncodeError naming nothing).
+  with pytest.raises(BadRecordError, match=re.escape(train) + r": record line 2: field 'chosen'"):
+    prepare.prepare(dataset="hh_helpful", manual_dir=str(manual), data_dir=str(tmp_path / "a"))
