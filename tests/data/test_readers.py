@@ -577,3 +577,218 @@ def test_prepare_names_the_file_and_line_of_unencodable_text(tmp_path):
   # Before tfds sees the text (it used to die there with a UnicodeEncodeError naming nothing).
   with pytest.raises(BadRecordError, match=re.escape(train) + r": record line 2: field 'chosen'"):
     prepare.prepare(dataset="hh_helpful", manual_dir=str(manual), data_dir=str(tmp_path / "a"))
+
+
+# ------------------------------------------------------------------------- fuzz
+# Random records in each public schema, with the expected example worked out here
+# from the parts generated (the documented prompt formats and rules), never by the
+# reader's helpers; a quarter are damaged in one of many ways, each with the reason
+# the docs give for it.
+
+FUZZ_RECORDS = 2000
+_CHARS = "abcxyz ABC 019 éüßñ 日本語 😀💩 \"\\/' \t\n {}[]:,"
+_PADS = ("", " ", "  ", "\n", " \t\n ")
+
+
+def _text(rng, n=12):
+  return "".join(rng.choice(_CHARS) for _ in range(rng.randrange(n)))
+
+
+def _core(rng, tag, i):
+  """Text that does not start or end with whitespace, unique per (tag, i)."""
+  return f"{tag}{i} {_text(rng)} {i}"
+
+
+def _padded(rng, text):
+  return rng.choice(_PADS) + text + rng.choice(_PADS)
+
+
+def _fuzz_tldr(rng, i, where):
+  sub, title, post = _text(rng, 8) or "x", _text(rng), _text(rng, 30)
+  a, b = _core(rng, "a", i), _core(rng, "b", i)
+  choice = rng.randrange(2)
+  info = {"id": f"t3_{i}", "post": post, "title": title, "subreddit": sub, "site": None}
+  if rng.random() < 0.1:  # a CNN/DM item: validated, then dropped
+    info = {"id": f"cnn_{i}", "article": post, "site": "cnn"}
+  record = {"info": info, "choice": choice, "worker": f"w{i % 7}", "batch": "batch3",
+            "split": "train", "extra": {"confidence": rng.randrange(1, 10)},
+            "summaries": [{"text": _padded(rng, a), "policy": "ref", "note": None},
+                          {"text": _padded(rng, b), "policy": "sup", "note": None}]}
+  if "article" in info:
+    return record, ("dropped", "no_post")
+  return record, PreferenceExample(
+      f"SUBREDDIT: r/{sub}\nTITLE: {title}\nPOST: {post}\nTL;DR:", a, b,
+      1.0 if choice == 0 else 0.0, "tldr", "human", f"tldr:{where}")
+
+
+def _fuzz_hh(rng, i, where):
+  turns = "".join(f"\n\nHuman: {_text(rng)}\n\nAssistant: {_text(rng)}"
+                  for _ in range(rng.randrange(3)))
+  prompt = f"{turns}\n\nHuman: q{i} {_text(rng)}\n\nAssistant:"
+  chosen, rejected = _core(rng, "c", i), _core(rng, "r", i)
+  record = {"chosen": prompt + _padded(rng, chosen), "rejected": prompt + _padded(rng, rejected)}
+  example_id = f"hh_helpful:{where}"
+  if hashlib.sha256(example_id.encode()).digest()[0] & 1:  # the documented order rule
+    expected = PreferenceExample(prompt, rejected, chosen, 0.0, "hh_helpful", "human", example_id)
+  else:
+    expected = PreferenceExample(prompt, chosen, rejected, 1.0, "hh_helpful", "human", example_id)
+  return record, expected
+
+
+def _fuzz_arena(rng, i, where):
+  del where  # arena ids come from the record
+  question_id = f"{rng.getrandbits(96):024x}{i:08x}"
+  prompt, a, b = _core(rng, "p", i), _core(rng, "a", i), _core(rng, "b", i)
+  turn = 1 if rng.random() < 0.85 else 2
+  sides = []
+  for response in (a, b):
+    messages = [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": _padded(rng, response)}]
+    if turn == 2:
+      messages += [{"role": "user", "content": _text(rng)},
+                   {"role": "assistant", "content": _core(rng, "t", i)}]
+    sides.append(messages)
+  winner = rng.choice(["model_a", "model_b", "model_a", "model_b", "tie", "tie (bothbad)"])
+  record = {"question_id": question_id, "model_a": "vicuna-13b", "model_b": "koala-13b",
+            "winner": winner, "judge": f"arena_user_{i}", "conversation_a": sides[0],
+            "conversation_b": sides[1], "turn": turn, "anony": True, "language": "English",
+            "tstamp": 1682351591.1322, "openai_moderation": {"categories": {"hate": False},
+                                                             "flagged": False},
+            "toxic_chat_tag": {"roberta-large": {"flagged": False, "probability": 0.01}}}
+  if turn > 1:
+    return record, ("multi_turn", None)
+  if winner.startswith("tie"):
+    return record, ("tie", None)
+  return record, PreferenceExample(prompt, a, b, 1.0 if winner == "model_a" else 0.0,
+                                   "chat_arena", "human", f"chat_arena:{question_id}")
+
+
+def _set(record, path, value):
+  node = record
+  for key in path[:-1]:
+    node = node[key]
+  node[path[-1]] = value
+
+
+def _append(record, path, suffix):
+  node = record
+  for key in path[:-1]:
+    node = node[key]
+  node[path[-1]] += suffix
+
+
+def _deep(rng):
+  """A placeholder that ``_nest`` turns into lists nested past MAX_JSON_DEPTH, up to 1200 deep
+  (json.dumps itself cannot write that)."""
+  return f"@deep{rng.randrange(readers.MAX_JSON_DEPTH + 1, 1200)}@"
+
+
+def _nest(line):
+  return re.sub(r'"@deep(\d+)@"', lambda m: "[" * int(m.group(1)) + "]" * int(m.group(1)), line)
+
+
+# Per reader: (make, record-level damages as (function(rng, record), reason)).
+_FUZZ = {
+    "tldr": (_fuzz_tldr, [
+        (lambda rng, r: r.pop("summaries"), "missing_field"),
+        (lambda rng, r: r.pop("choice"), "missing_field"),
+        (lambda rng, r: _set(r, ["choice"], "0"), "wrong_type"),
+        (lambda rng, r: _set(r, ["choice"], 2), "bad_choice"),
+        (lambda rng, r: _set(r, ["summaries", 1, "text"], rng.choice(_PADS)), "empty_response"),
+        (lambda rng, r: _append(r, ["summaries", 0, "text"], "\ud800"), "bad_encoding"),
+        (lambda rng, r: _set(r, ["worker"], "w\udfff"), "bad_encoding"),
+        (lambda rng, r: _set(r, ["extra"], _deep(rng)), "too_deep"),
+        (lambda rng, r: _set(r, ["summaries"], r["summaries"] * 2), "bad_summaries"),
+    ]),
+    "hh": (_fuzz_hh, [
+        (lambda rng, r: r.pop("rejected"), "missing_field"),
+        (lambda rng, r: _set(r, ["chosen"], [r["chosen"]]), "wrong_type"),
+        (lambda rng, r: _set(r, ["chosen"], r["chosen"].rsplit("Assistant:", 1)[0]
+                             + "Assistant:" + rng.choice(_PADS)), "empty_response"),
+        (lambda rng, r: _set(r, ["rejected"], "\n\nHuman: other?\n\nAssistant: no"),
+         "prompt_mismatch"),
+        (lambda rng, r: _set(r, ["rejected"], r["rejected"].replace("\n\nAssistant:", "\n\n")),
+         "no_assistant_turn"),
+        (lambda rng, r: _append(r, ["chosen"], "\udc00"), "bad_encoding"),
+        (lambda rng, r: _set(r, ["note"], {"x": _deep(rng)}), "too_deep"),
+    ]),
+    "arena": (_fuzz_arena, [
+        (lambda rng, r: r.pop("conversation_b"), "missing_field"),
+        (lambda rng, r: r.pop("question_id"), "missing_field"),
+        (lambda rng, r: _set(r, ["turn"], "1"), "wrong_type"),
+        (lambda rng, r: _set(r, ["winner"], "model_c"), "unknown_winner"),
+        (lambda rng, r: _set(r, ["conversation_b", 1, "content"], " "), "empty_response"),
+        (lambda rng, r: _set(r, ["conversation_b", 0, "content"], "other"), "prompt_mismatch"),
+        (lambda rng, r: _set(r, ["conversation_a", 0, "role"], "assistant"), "bad_conversation"),
+        (lambda rng, r: _append(r, ["conversation_a", 1, "content"], "\udbff"), "bad_encoding"),
+        (lambda rng, r: _set(r, ["judge"], "\ud800x"), "bad_encoding"),
+        (lambda rng, r: _set(r, ["openai_moderation"], _deep(rng)), "too_deep"),
+    ]),
+}
+
+
+def _line_damage(rng, line, record):
+  """(damaged JSON line, reason) for damage below the record level."""
+  kind = rng.randrange(4)
+  if kind == 0:
+    key = rng.choice(sorted(record))
+    return line[:-1] + f", {json.dumps(key)}: {json.dumps(record[key])}}}", "duplicate_key"
+  if kind == 1:
+    return line[:rng.randrange(1, len(line))], "malformed_json"
+  if kind == 2:
+    return json.dumps([record]), "not_an_object"
+  return None, "bad_encoding"  # raw bytes, made by the caller
+
+
+@pytest.mark.parametrize("kind, seed", [("tldr", 1), ("hh", 2), ("arena", 3)])
+def test_fuzzed_records_read_as_expected_or_are_counted_bad(tmp_path, kind, seed):
+  make, damages = _FUZZ[kind]
+  rng = random.Random(seed)
+  name = {"tldr": "fuzz/tldr.jsonl", "hh": "helpful-base/fuzz.jsonl.gz",
+          "arena": "fuzz/arena.jsonl"}[kind]
+  stem = name.split(".")[0]
+  lines, expected, drops, reasons = [], [], collections.Counter(), collections.Counter()
+  first_bad = None
+  for i in range(FUZZ_RECORDS):
+    if rng.random() < 0.1:
+      lines.append(b"")  # blank lines still count
+    number = len(lines) + 1
+    record, want = make(rng, i, f"{stem}:{number}")
+    damage = rng.random() < 0.25
+    reason = None
+    if damage and rng.random() < 0.6:
+      function, reason = rng.choice(damages)
+      function(rng, record)
+    # Both ways JSON writers spell non-ASCII text: \u escapes or raw UTF-8.
+    line = _nest(json.dumps(record, ensure_ascii=rng.random() < 0.5))
+    if damage and reason is None:
+      line, reason = _line_damage(rng, line, record)
+      if line is None:
+        raw = _nest(json.dumps(record)).encode()
+        cut = rng.randrange(len(raw))
+        raw = raw[:cut] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"]) + raw[cut:]
+    if line is not None:
+      raw = line.encode("utf-8", "surrogatepass")
+    lines.append(raw)
+    if damage:
+      reasons[reason] += 1
+      first_bad = first_bad or number
+    elif isinstance(want, PreferenceExample):
+      expected.append(want)
+    else:
+      drops[want[1] if want[0] == "dropped" else want[0]] += 1
+  path = str(tmp_path / name)
+  os.makedirs(os.path.dirname(path))
+  with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+    f.write(b"\n".join(lines) + b"\n")
+
+  with pytest.raises(BadRecordError) as info:
+    READ[kind](path)
+  assert (info.value.path, info.value.record) == (path, f"line {first_bad}")
+  examples, stats = READ[kind](path, skip_bad=True)
+  assert examples == expected
+  assert stats.bad_reasons == reasons and stats.skipped_bad == sum(reasons.values())
+  assert stats.read == FUZZ_RECORDS and stats.duplicates_dropped == 0
+  assert (stats.ties_dropped, stats.multi_turn_dropped, dict(stats.dropped)) == (
+      drops.pop("tie", 0), drops.pop("multi_turn", 0), dict(drops))
+  assert len(expected) > FUZZ_RECORDS // 3 and len(reasons) >= 8  # the mix covers much
