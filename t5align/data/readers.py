@@ -19,11 +19,16 @@ Files may be ``.json`` (a JSON array, or JSON lines as in OpenAI's own
 
 Rules common to all readers (docs/datasets.md explains them at more length):
 
-1. Every record is validated in full. A bad one raises
-   ``schema.BadRecordError`` naming file, line/element/row and field; with
-   ``skip_bad=True`` it is skipped, counted per reason and summarised in one
-   warning. ``skip_bad`` skips records, never files: a file that cannot be
-   opened, decompressed or parsed as a whole always raises.
+1. Every record is validated in full: its schema, and also that it is UTF-8
+   text with no lone UTF-16 surrogate anywhere (escaped or raw), no repeated
+   key in any object and no nesting deeper than ``MAX_JSON_DEPTH``. A bad one
+   raises ``schema.BadRecordError`` naming file, line/element/row and field;
+   with ``skip_bad=True`` it is skipped, counted per reason and summarised in
+   one warning. ``skip_bad`` skips records, never files: a file that cannot be
+   opened, decompressed or parsed as a whole (damaged gzip or parquet, a JSON
+   array that does not parse) always raises ``BadRecordError`` with field
+   ``'<file>'`` or ``'<json>'`` and where reading stopped, because what was
+   read before the damage showed cannot be trusted either.
 2. Valid records are then dropped by the documented per-task rules (ties,
    multi-turn conversations, CNN/DM items, other splits), each counted.
 3. Responses are stripped of surrounding whitespace; prompts are used as
