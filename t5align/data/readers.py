@@ -317,38 +317,47 @@ def _check_values(record: Any) -> None:
 
   Python strings from JSON escapes may hold lone UTF-16 surrogates
   ('\\ud800'), which no UTF-8 writer (tfds included) accepts. Iterative, so a
-  deep record cannot exhaust the stack.
+  deep record cannot exhaust the stack; paths are (parent, key) links, turned
+  into a field name only for the error.
   """
-  stack = [(record, "", 0)]
+  stack = [(record, None, 0)]
   while stack:
-    value, field, depth = stack.pop()
+    value, path, depth = stack.pop()
     if depth > MAX_JSON_DEPTH:
-      raise _Invalid(field, f"nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
+      raise _Invalid(_field(path), f"nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
     if isinstance(value, str):
-      _check_text(value, field or "<record>")
+      if not value.isascii():
+        _check_text(value, path)
     elif isinstance(value, dict):
       if isinstance(value, _Object):
-        raise _Invalid(_field(field, value.duplicate), "duplicate key in a JSON object",
+        raise _Invalid(_field((path, value.duplicate)), "duplicate key in a JSON object",
                        "duplicate_key")
       for key, item in value.items():
-        _check_text(key, _field(field, key))
-        stack.append((item, _field(field, key), depth + 1))
+        if not key.isascii():
+          _check_text(key, (path, key))
+        stack.append((item, (path, key), depth + 1))
     elif isinstance(value, list):
-      stack.extend((item, f"{field}[{i}]", depth + 1) for i, item in enumerate(value))
+      stack.extend((item, (path, i), depth + 1) for i, item in enumerate(value))
 
 
-def _field(parent: str, key: str) -> str:
-  return f"{parent}.{key}" if parent else key
+def _field(path: Optional[tuple]) -> str:
+  """'conversation_a[1].content' from a (parent, key) chain."""
+  keys = []
+  while path is not None:
+    path, key = path
+    keys.append(key)
+  name = ""
+  for key in reversed(keys):
+    name += f"[{key}]" if isinstance(key, int) else (f".{key}" if name else key)
+  return name or "<record>"
 
 
-def _check_text(text: str, field: str) -> None:
-  if text.isascii():
-    return
+def _check_text(text: str, path: Optional[tuple]) -> None:
   try:
     text.encode("utf-8")
   except UnicodeEncodeError as e:
-    raise _Invalid(field, f"text cannot be encoded as UTF-8 ({e.reason} {text[e.start]!r} at "
-                   f"character {e.start})", "bad_encoding") from None
+    raise _Invalid(_field(path), f"text cannot be encoded as UTF-8 ({e.reason} "
+                   f"{text[e.start]!r} at character {e.start})", "bad_encoding") from None
 
 
 # --------------------------------------------------------------------------- driver
