@@ -181,9 +181,16 @@ def _train(run_dir, total_steps, init_state, abstract_state, step_fn, data,
            checkpointer, metrics, progress_every_seconds, loss_key,
            on_checkpoint, print_fn, sigterm):
   """`train` inside its signal handler and cleanup."""
+  restored = None
   if checkpointer.latest_step() is not None:
     abstract = abstract_state() if callable(abstract_state) else abstract_state
-    state, data_state = checkpointer.restore(abstract_state=abstract)
+    restored = checkpointer.restore_newest_intact(abstract_state=abstract,
+                                                  report=print_fn)
+    if restored is None:
+      print_fn(f"no intact checkpoint left in {checkpointer.directory}; "
+               "starting from step 0")
+  if restored is not None:
+    state, data_state = restored
     data.set_state(data_state)
     step = int(state.step)
     print_fn(f"resuming from step {step} ({checkpointer.directory})")

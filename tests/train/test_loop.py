@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from test_checkpoints import damage  # tests/train/ is on sys.path under pytest
 
 import t5align
 from t5align.train import checkpoints
@@ -259,6 +260,27 @@ def test_sigkill_during_save_then_resume_is_bitwise_equal(toy, reference,
   assert_matches_reference(tmp_path, reference)
   assert checkpoints.list_steps(ckpt_dir) == [20, 30, 40]
   assert sorted(os.listdir(ckpt_dir)) == ["20", "30", "40"]
+
+
+@pytest.mark.parametrize(
+    "kind", ["flipped", "truncated", "deleted", "data_state", "manifest_deleted"])
+def test_damaged_latest_checkpoint_is_skipped_and_resume_is_bitwise_equal(
+    toy, reference, tmp_path, capsys, kind):
+  toy.main(run_args(tmp_path, "--total_steps", 30))
+  ckpt_dir = tmp_path / "checkpoints"
+  assert checkpoints.list_steps(ckpt_dir) == [10, 20, 30]
+  bad = damage(ckpt_dir / "30", kind)
+  capsys.readouterr()
+  _, data = toy.main(run_args(tmp_path))
+  output = capsys.readouterr().out
+  assert data.restored_to == [20]
+  (line,) = [l for l in output.splitlines() if l.startswith("damaged checkpoint")]
+  assert line.startswith(f"damaged checkpoint {ckpt_dir / '30'}: {bad}: ")
+  assert line.endswith(f"skipping step 30 (moved to {ckpt_dir / 'damaged' / '30'})")
+  assert "resuming from step 20" in output
+  assert_matches_reference(tmp_path, reference)
+  assert checkpoints.list_steps(ckpt_dir) == [20, 30, 40]
+  assert os.listdir(ckpt_dir / "damaged") == ["30"]
 
 
 def test_sigterm_saves_current_step_and_resumes_bitwise_equal(
