@@ -1,19 +1,39 @@
 """Test-wide settings: 8 fake CPU devices for sharding tests, strict rank promotion."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The suite's own temp dir, for it and its child processes, so the check below
+# sees only what the tests leave (other programs share the system one).
+SUITE_TMP = tempfile.mkdtemp(prefix="t5align-tests-")
+os.environ["TMPDIR"] = SUITE_TMP
+tempfile.tempdir = SUITE_TMP
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_in_the_temp_dir():
+  """Fails the session if a test, or the code under test, leaves files in the temp dir.
+
+  pytest's own ``tmp_path`` directories (``pytest-of-<user>``) are expected.
+  """
+  yield
+  left = sorted(n for n in os.listdir(SUITE_TMP) if not n.startswith("pytest-of-"))
+  assert not left, f"left in the temp dir {SUITE_TMP}: {left}"
+  shutil.rmtree(SUITE_TMP, ignore_errors=True)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -70,6 +70,18 @@ def _data_files(directory: str, prefix: str = "", recursive: bool = True) -> lis
   return sorted(found)
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The DatasetInfo of a dataset that exists only where it is prepared.
+
+  tfds fills in an unprepared builder's info from its GCS bucket, and first
+  makes a `tmp*tfds` directory in the system temp dir that it never deletes;
+  our datasets have no bucket entry, so there is nothing to fetch.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
 class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder whose splits come from lists of `PreferenceExample`s."""
 
@@ -89,7 +101,7 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self, description=self._DESCRIPTION, features=_features(),
         homepage=self._HOMEPAGE, metadata=tfds.core.MetadataDict())
 

@@ -20,8 +20,12 @@ source and the run's `Checkpointer` and `MetricsWriter`; `train` does the rest:
   saved, so the newest checkpoint is the last good one.
 
 `<run_dir>/status.json` says how the last invocation ended
-(`running`, `completed`, `preempted` or `diverged`) with the step, for launch
-scripts that decide whether to rerun.
+(`running`, `completed`, `preempted`, `diverged` or `failed`) with the step,
+for launch scripts that decide whether to rerun. It is `running` only while
+a process trains (or after a SIGKILL): a SIGTERM during start-up (restore or
+initialisation) ends the run at once as `preempted` at the restored step, and
+any other exception, KeyboardInterrupt included, is written as `failed` with
+the error before it propagates.
 
 Every step synchronises with the device (its metrics are read back), because
 the divergence check must see a step's loss before that state can be saved;
@@ -85,13 +89,21 @@ class Preempted(SystemExit):
     self.step = step
 
 
-def _write_status(run_dir: str, status: str, step: int,
-                  total_steps: int) -> None:
-  os.makedirs(run_dir, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(prefix=STATUS_FILE + ".", dir=run_dir)
-  with os.fdopen(fd, "w") as f:
-    json.dump({"status": status, "step": step, "total_steps": total_steps}, f)
-  os.replace(tmp_path, os.path.join(run_dir, STATUS_FILE))
+class _Status:
+  """Writes `status.json` atomically and remembers the step it last wrote."""
+
+  def __init__(self, run_dir: str, total_steps: int):
+    self.run_dir, self.total_steps = run_dir, total_steps
+    self.step: Optional[int] = None
+
+  def write(self, status: str, step: Optional[int], **extra: Any) -> None:
+    self.step = step
+    os.makedirs(self.run_dir, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=STATUS_FILE + ".", dir=self.run_dir)
+    with os.fdopen(fd, "w") as f:
+      json.dump({"status": status, "step": step,
+                 "total_steps": self.total_steps, **extra}, f)
+    os.replace(tmp_path, os.path.join(self.run_dir, STATUS_FILE))
 
 
 @jax.jit
@@ -165,11 +177,19 @@ def train(*, run_dir: str, total_steps: int,
     DivergenceError: see module docstring.
     Preempted: after a SIGTERM; the checkpoint of the current step is saved.
   """
+  status = _Status(run_dir, total_steps)
   with _SigtermFlag() as sigterm:
     try:
-      return _train(run_dir, total_steps, init_state, abstract_state, step_fn,
+      return _train(status, total_steps, init_state, abstract_state, step_fn,
                     data, checkpointer, metrics, progress_every_seconds,
                     loss_key, on_checkpoint, print_fn, sigterm)
+    except (DivergenceError, Preempted):
+      raise
+    except BaseException as e:
+      # Never leave `running` behind a process that has stopped.
+      status.write("failed", status.step,
+                   error=f"{type(e).__name__}: {e}".splitlines()[0])
+      raise
     finally:
       # Lets an in-flight save of a good state finish even when the loop
       # raises, so the newest checkpoint on disk is complete.
@@ -177,13 +197,20 @@ def train(*, run_dir: str, total_steps: int,
       metrics.flush()
 
 
-def _train(run_dir, total_steps, init_state, abstract_state, step_fn, data,
+def _train(status, total_steps, init_state, abstract_state, step_fn, data,
            checkpointer, metrics, progress_every_seconds, loss_key,
            on_checkpoint, print_fn, sigterm):
   """`train` inside its signal handler and cleanup."""
+  restored = None
   if checkpointer.latest_step() is not None:
     abstract = abstract_state() if callable(abstract_state) else abstract_state
-    state, data_state = checkpointer.restore(abstract_state=abstract)
+    restored = checkpointer.restore_newest_intact(abstract_state=abstract,
+                                                  report=print_fn)
+    if restored is None:
+      print_fn(f"no intact checkpoint left in {checkpointer.directory}; "
+               "starting from step 0")
+  if restored is not None:
+    state, data_state = restored
     data.set_state(data_state)
     step = int(state.step)
     print_fn(f"resuming from step {step} ({checkpointer.directory})")
@@ -194,9 +221,17 @@ def _train(run_dir, total_steps, init_state, abstract_state, step_fn, data,
   metrics.truncate_after(step)
   if step >= total_steps:
     print_fn(f"run already at step {step} >= total_steps {total_steps}")
-    _write_status(run_dir, "completed", step, total_steps)
+    status.write("completed", step)
     return state
-  _write_status(run_dir, "running", step, total_steps)
+  if sigterm.requested:
+    # During start-up no step was taken: the newest checkpoint (or nothing, at
+    # step 0) already is this state, and a step now could outlast the grace
+    # period before SIGKILL.
+    print_fn(f"SIGTERM during start-up: stopping at step {step}; exiting "
+             f"with code {PREEMPTED_EXIT_CODE}")
+    status.write("preempted", step)
+    raise Preempted(step)
+  status.write("running", step)
 
   progress = metrics_lib.Progress(total_steps,
                                   every_seconds=progress_every_seconds,
@@ -214,17 +249,18 @@ def _train(run_dir, total_steps, init_state, abstract_state, step_fn, data,
       raise KeyError(f"step_fn metrics have no {loss_key!r} (loss_key); "
                      f"got {sorted(values)}")
     if not math.isfinite(values[loss_key]):
-      _write_status(run_dir, "diverged", new_step, total_steps)
+      status.write("diverged", new_step)
       raise DivergenceError(new_step, f"{loss_key} is {values[loss_key]}",
                             values)
     state, step = new_state, new_step
+    status.step = step  # what a `failed` status reports
     metrics.write(step, values)
     progress.update(step, values)
 
     if sigterm.requested or step == total_steps or checkpointer.should_save(
         step):
       if not bool(_all_finite(state)):
-        _write_status(run_dir, "diverged", step, total_steps)
+        status.write("diverged", step)
         raise DivergenceError(
             step, "the train state holds NaN or Inf (not saved)", values)
       saved = checkpointer.save(step, state, data.get_state(), force=True)
@@ -234,9 +270,9 @@ def _train(run_dir, total_steps, init_state, abstract_state, step_fn, data,
       checkpointer.wait()
       print_fn(f"SIGTERM: saved step {step} to {checkpointer.directory}; "
                f"exiting with code {PREEMPTED_EXIT_CODE}")
-      _write_status(run_dir, "preempted", step, total_steps)
+      status.write("preempted", step)
       raise Preempted(step)
 
   checkpointer.wait()
-  _write_status(run_dir, "completed", step, total_steps)
+  status.write("completed", step)
   return state

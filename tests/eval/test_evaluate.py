@@ -257,7 +257,14 @@ def test_corrupt_and_incompatible_checkpoints_are_reported_and_skipped(world, tm
   directory = str(tmp_path / "ckpts")
   wide = t5.init_params(t5.T5Config(**{**CONFIG.__dict__, "emb_dim": 24}), jax.random.key(5))
   save_checkpoints(directory, {10: world["params"]["other"], 20: world["params"]["other"],
-                               30: wide})
+                               25: world["params"]["other"], 30: wide})
+  # Flip bytes in the middle of step 25's largest array data file: it must not be evaluated.
+  data = max((os.path.join(root, name) for root, _, names in
+              os.walk(os.path.join(directory, "25", "state")) for name in names
+              if os.path.basename(root) == "d"), key=os.path.getsize)
+  with open(data, "r+b") as f:
+    f.seek(os.path.getsize(data) // 2)
+    f.write(b"\xff" * 64)
   # Corrupt step 20: delete its array data, keep the directory (still listed as finalized).
   state_dir = os.path.join(directory, "20", "state")
   deleted = 0
@@ -266,7 +273,7 @@ def test_corrupt_and_incompatible_checkpoints_are_reported_and_skipped(world, tm
       if not name.startswith("_"):
         os.remove(os.path.join(root, name))
         deleted += 1
-  assert deleted and checkpoints.list_steps(directory) == [10, 20, 30]
+  assert deleted and checkpoints.list_steps(directory) == [10, 20, 25, 30]
   lines = []
   output = str(tmp_path / "out" / "eval.jsonl")
   rows = evaluate.evaluate_run(checkpoint_dir=directory, output_path=output,
@@ -274,15 +281,19 @@ def test_corrupt_and_incompatible_checkpoints_are_reported_and_skipped(world, tm
   assert [r["step"] for r in rows] == [10]
   with open(evaluate.output_paths(output)["errors"]) as f:
     errors = [json.loads(line) for line in f]
-  assert [e["step"] for e in errors] == [20, 30]
+  assert [e["step"] for e in errors] == [20, 25, 30]
   assert errors[0]["checkpoint"] == os.path.join(directory, "20")
+  for error, step in zip(errors[:2], (20, 25)):
+    assert error["error"].startswith(
+        f"DamagedCheckpointError: damaged checkpoint {os.path.join(directory, str(step))}: state/")
+  assert os.path.relpath(data, os.path.join(directory, "25")) in errors[1]["error"]
   # The first parameter in name order that differs: the decoder's final norm scale.
-  assert "decoder/decoder_norm/scale has shape (24,)" in errors[1]["error"]
-  assert "expects (16,)" in errors[1]["error"]
+  assert "decoder/decoder_norm/scale has shape (24,)" in errors[2]["error"]
+  assert "expects (16,)" in errors[2]["error"]
   error_lines = [line for line in lines if "ERROR" in line]
-  assert len(error_lines) == 2
+  assert len(error_lines) == 3
   assert "eval step 20 " in error_lines[0] and os.path.join(directory, "20") in error_lines[0]
-  assert any("steps [20, 30]" in line for line in lines)
+  assert any("steps [20, 25, 30]" in line for line in lines)
 
 
 def test_bad_inputs_raise_clear_errors(world, tmp_path):

@@ -4,6 +4,7 @@ Kill-during-save (Orbax's temporary directory protocol) is tested with real
 processes in test_loop.py.
 """
 
+import json
 import os
 
 import jax
@@ -180,3 +181,187 @@ def test_restore_onto_mesh_shardings(tmp_path):
   params = checkpoints.load_params(tmp_path, abstract_params=abstract.params)
   assert params["dense"]["kernel"].sharding == rows
   assert_trees_equal(params, state.params)
+
+
+def data_files(step_dir):
+  """The array data files of a step (what bit rot or a bad copy hits)."""
+  found = []
+  for root, _, names in os.walk(os.path.join(step_dir, checkpoints.STATE)):
+    found += [os.path.join(root, n) for n in names
+              if os.path.basename(root) == "d"]
+  assert found, step_dir
+  return sorted(found)
+
+
+def flip_bytes(path, count=64):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    start = len(data) // 2 - count // 2
+    for i in range(max(start, 0), min(start + count, len(data))):
+      data[i] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+
+
+def damage(step_dir, kind):
+  """Damages `step_dir` one way; returns the file the error must name."""
+  step_dir = str(step_dir)
+  if kind == "flipped":
+    for path in data_files(step_dir):
+      flip_bytes(path)
+    return os.path.relpath(data_files(step_dir)[0], step_dir)
+  if kind == "truncated":
+    path = data_files(step_dir)[-1]
+    os.truncate(path, os.path.getsize(path) // 2)
+  elif kind == "deleted":
+    path = data_files(step_dir)[0]
+    os.remove(path)
+  elif kind == "data_state":
+    path = os.path.join(step_dir, checkpoints.DATA_STATE, "metadata")
+    with open(path, "w") as f:
+      f.write('{"index": 9')
+  elif kind == "manifest_deleted":
+    path = os.path.join(step_dir, checkpoints.MANIFEST)
+    os.remove(path)
+  elif kind == "manifest_garbled":
+    path = os.path.join(step_dir, checkpoints.MANIFEST)
+    flip_bytes(path, 8)
+  else:
+    raise ValueError(kind)
+  return os.path.relpath(path, step_dir)
+
+
+DAMAGES = ["flipped", "truncated", "deleted", "data_state", "manifest_deleted",
+           "manifest_garbled"]
+
+
+def test_every_step_has_a_manifest_of_its_files(tmp_path):
+  state = make_state()
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(1, state, {"index": 1})
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1,
+                                async_save=False) as ckpt:
+    ckpt.save(2, state, {"index": 2})
+  for step in (1, 2):
+    step_dir = tmp_path / str(step)
+    with open(step_dir / checkpoints.MANIFEST) as f:
+      files = json.load(f)["files"]
+    on_disk = sorted(
+        os.path.relpath(os.path.join(root, n), step_dir)
+        for root, _, names in os.walk(step_dir) for n in names
+        if n != checkpoints.MANIFEST)
+    assert sorted(files) == on_disk
+    assert any(name.startswith("state/") for name in files)
+    assert f"{checkpoints.DATA_STATE}/metadata" in files
+    assert checkpoints.verify_step(tmp_path, step)
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_damaged_step_is_refused_by_name(tmp_path, kind):
+  state = make_state()
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(1, state, {"index": 1})
+    ckpt.save(2, state, {"index": 2})
+  bad = damage(tmp_path / "2", kind)
+  step_dir = str(tmp_path / "2")
+  with pytest.raises(checkpoints.DamagedCheckpointError) as error:
+    checkpoints.load_params(tmp_path)
+  assert error.value.step_dir == step_dir and error.value.file == bad
+  assert str(error.value).startswith(f"damaged checkpoint {step_dir}: {bad}: ")
+  assert "\n" not in str(error.value)
+  with pytest.raises(checkpoints.DamagedCheckpointError, match=step_dir):
+    checkpoints.load_params(step_dir)
+  with checkpoints.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoints.DamagedCheckpointError, match=step_dir):
+      ckpt.restore(abstract_state=checkpoints.abstract_tree(state))
+    # The older step is untouched and still reads.
+    restored, data_state = ckpt.restore(
+        1, abstract_state=checkpoints.abstract_tree(state))
+  assert data_state == {"index": 1}
+  assert_trees_equal(restored, state)
+
+
+def test_restore_newest_intact_sets_damaged_steps_aside(tmp_path):
+  states = [make_state(seed) for seed in range(3)]
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    for step, state in enumerate(states, start=1):
+      ckpt.save(step, state, {"index": step})
+  damage(tmp_path / "3", "truncated")
+  damage(tmp_path / "2", "flipped")
+  lines = []
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    restored, data_state = ckpt.restore_newest_intact(
+        abstract_state=checkpoints.abstract_tree(states[0]),
+        report=lines.append)
+    assert data_state == {"index": 1}
+    assert_trees_equal(restored, states[0])
+    assert ckpt.all_steps() == [1]
+    # The run saves those steps again when it gets there.
+    assert ckpt.save(2, states[1], {"index": 2})
+  damaged = tmp_path / checkpoints.DAMAGED_SUBDIR
+  assert len(lines) == 2 and all("\n" not in line for line in lines)
+  assert lines[0].startswith(f"damaged checkpoint {tmp_path / '3'}: state/")
+  assert lines[0].endswith(f"skipping step 3 (moved to {damaged / '3'})")
+  assert f"damaged checkpoint {tmp_path / '2'}: state/" in lines[1]
+  assert sorted(os.listdir(damaged)) == ["2", "3"]
+  assert checkpoints.list_steps(tmp_path) == [1, 2]
+  assert_trees_equal(checkpoints.load_params(tmp_path), states[1].params)
+
+  # Nothing intact at all: None, and every step is set aside.
+  damage(tmp_path / "1", "deleted")
+  damage(tmp_path / "2", "deleted")
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    assert ckpt.restore_newest_intact(
+        abstract_state=checkpoints.abstract_tree(states[0]),
+        report=lines.append) is None
+    assert ckpt.all_steps() == []
+  assert sorted(os.listdir(damaged)) == ["1", "2", "2.1", "3"]
+
+
+def test_non_finite_parameters_are_refused(tmp_path):
+  state = make_state()
+  bad = state.replace(params={**state.params,
+                              "bias": state.params["bias"].at[2].set(np.inf)})
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(1, bad, {"index": 1})
+    ckpt.wait()
+    with pytest.raises(checkpoints.DamagedCheckpointError,
+                       match=r"1: state\.params\['bias'\]: holds NaN or Inf"):
+      ckpt.restore(abstract_state=checkpoints.abstract_tree(state))
+  with pytest.raises(checkpoints.DamagedCheckpointError,
+                     match=r"state/params\['bias'\]: holds NaN or Inf"):
+    checkpoints.load_params(tmp_path)
+
+
+def test_steps_from_before_manifests_are_checked_for_nan_only(tmp_path,
+                                                             caplog):
+  state = make_state()
+  nan = state.replace(params={**state.params,
+                              "bias": state.params["bias"] * np.nan})
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(1, state, {"index": 1})
+    ckpt.save(2, nan, {"index": 2})
+  # What a t5align without manifests wrote: the same steps without the file.
+  for step in (1, 2):
+    os.remove(tmp_path / str(step) / checkpoints.MANIFEST)
+  assert not checkpoints.verify_step(tmp_path, 1)
+  with caplog.at_level("WARNING"):
+    assert_trees_equal(checkpoints.load_params(tmp_path, 1), state.params)
+  assert f"{tmp_path / '1'} has no {checkpoints.MANIFEST}" in caplog.text
+  with pytest.raises(checkpoints.DamagedCheckpointError, match="NaN or Inf"):
+    checkpoints.load_params(tmp_path, 2)
+  lines = []
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    restored, _ = ckpt.restore_newest_intact(
+        abstract_state=checkpoints.abstract_tree(state), report=lines.append)
+    assert_trees_equal(restored, state)
+    ckpt.save(3, state, {"index": 3})
+  assert "2: state.params['bias']: holds NaN or Inf" in lines[0]
+  assert "checked for NaN/Inf only" in lines[1]
+  # A step without a manifest after one with a manifest is an incomplete save.
+  with checkpoints.Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(4, state, {"index": 4})
+  os.remove(tmp_path / "4" / checkpoints.MANIFEST)
+  with pytest.raises(checkpoints.DamagedCheckpointError,
+                     match="missing although step 3 has one"):
+    checkpoints.verify_step(tmp_path, 4)

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from test_checkpoints import damage  # tests/train/ is on sys.path under pytest
 
 import t5align
 from t5align.train import checkpoints
@@ -43,6 +44,7 @@ from t5align.train import checkpoints, loop, metrics, state as state_lib
 DIM = 4
 W_TRUE = np.arange(1, DIM + 1, dtype=np.float32)
 TX = optax.adam(0.3)
+HANG_IN_INIT = None  # a directory: init_state (start-up) waits for its 'release'
 
 
 def batch_at(index):
@@ -106,6 +108,10 @@ def make_step_fn(nan_loss_at, nan_grad_at):
 
 
 def init_state():
+  if HANG_IN_INIT:
+    open(os.path.join(HANG_IN_INIT, "hanging"), "w").close()
+    while not os.path.exists(os.path.join(HANG_IN_INIT, "release")):
+      time.sleep(0.01)
   params = {"w": jnp.zeros((DIM,), jnp.float32),
             "b": jnp.zeros((), jnp.float32)}
   return state_lib.TrainState.create(params=params, tx=TX,
@@ -134,10 +140,13 @@ def main(argv=None):
   parser.add_argument("--save_interval", type=int, required=True)
   parser.add_argument("--keep", type=int, default=3)
   parser.add_argument("--hang_at", type=int, default=None)
+  parser.add_argument("--hang_in_init", action="store_true")
   parser.add_argument("--block_finalize_step", type=int, default=None)
   parser.add_argument("--nan_loss_at", type=int, default=None)
   parser.add_argument("--nan_grad_at", type=int, default=None)
   args = parser.parse_args(argv)
+  global HANG_IN_INIT
+  HANG_IN_INIT = args.run_dir if args.hang_in_init else None
   if args.block_finalize_step is not None:
     block_finalize_of(args.block_finalize_step, args.run_dir)
   data = ToyData(args.run_dir, args.hang_at)
@@ -261,6 +270,27 @@ def test_sigkill_during_save_then_resume_is_bitwise_equal(toy, reference,
   assert sorted(os.listdir(ckpt_dir)) == ["20", "30", "40"]
 
 
+@pytest.mark.parametrize(
+    "kind", ["flipped", "truncated", "deleted", "data_state", "manifest_deleted"])
+def test_damaged_latest_checkpoint_is_skipped_and_resume_is_bitwise_equal(
+    toy, reference, tmp_path, capsys, kind):
+  toy.main(run_args(tmp_path, "--total_steps", 30))
+  ckpt_dir = tmp_path / "checkpoints"
+  assert checkpoints.list_steps(ckpt_dir) == [10, 20, 30]
+  bad = damage(ckpt_dir / "30", kind)
+  capsys.readouterr()
+  _, data = toy.main(run_args(tmp_path))
+  output = capsys.readouterr().out
+  assert data.restored_to == [20]
+  (line,) = [l for l in output.splitlines() if l.startswith("damaged checkpoint")]
+  assert line.startswith(f"damaged checkpoint {ckpt_dir / '30'}: {bad}: ")
+  assert line.endswith(f"skipping step 30 (moved to {ckpt_dir / 'damaged' / '30'})")
+  assert "resuming from step 20" in output
+  assert_matches_reference(tmp_path, reference)
+  assert checkpoints.list_steps(ckpt_dir) == [20, 30, 40]
+  assert os.listdir(ckpt_dir / "damaged") == ["30"]
+
+
 def test_sigterm_saves_current_step_and_resumes_bitwise_equal(
     toy, reference, tmp_path):
   process = start(toy, tmp_path, "--hang_at", 25)  # in the batch of step 26
@@ -278,6 +308,52 @@ def test_sigterm_saves_current_step_and_resumes_bitwise_equal(
   assert rc == 0, output
   assert "resuming from step 26" in output
   assert_matches_reference(tmp_path, reference)
+
+
+@pytest.mark.parametrize("resuming", [False, True])
+def test_sigterm_during_start_up_stops_at_once_as_preempted(toy, reference, tmp_path,
+                                                            resuming):
+  if resuming:
+    toy.main(run_args(tmp_path, "--total_steps", 10))
+  # init_state runs at start-up: to build a fresh state, or the restore's
+  # abstract state.
+  process = start(toy, tmp_path, "--hang_in_init")
+  wait_for(tmp_path / "hanging", process)
+  process.send_signal(signal.SIGTERM)
+  (tmp_path / "release").touch()
+  rc, output = finish(process)
+  start_step = 10 if resuming else 0
+  assert rc == loop.PREEMPTED_EXIT_CODE, output
+  assert f"SIGTERM during start-up: stopping at step {start_step}" in output
+  with open(tmp_path / loop.STATUS_FILE) as f:
+    assert json.load(f) == {"status": "preempted", "step": start_step,
+                            "total_steps": TOTAL_STEPS}
+  assert checkpoints.list_steps(tmp_path / "checkpoints") == (
+      [10] if resuming else [])
+  assert metrics_lib.read_metrics(str(tmp_path)) == reference[1][:start_step]
+  os.remove(tmp_path / "release")
+  toy.main(run_args(tmp_path))
+  assert_matches_reference(tmp_path, reference)
+
+
+def test_an_exception_in_training_is_written_as_failed(toy, tmp_path):
+  def interrupted_at_3(state, batch):
+    if int(state.step) == 2:
+      raise KeyboardInterrupt
+    return step_fn(state, batch)
+
+  step_fn = toy.make_step_fn(None, None)
+  with checkpoints.Checkpointer(tmp_path / "c", save_interval_steps=2) as ckpt:
+    writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
+    with pytest.raises(KeyboardInterrupt):
+      loop.train(run_dir=str(tmp_path), total_steps=5, init_state=toy.init_state,
+                 abstract_state=None, step_fn=interrupted_at_3,
+                 data=toy.ToyData(str(tmp_path), None), checkpointer=ckpt,
+                 metrics=writer)
+    writer.close()
+  with open(tmp_path / loop.STATUS_FILE) as f:
+    assert json.load(f) == {"status": "failed", "step": 2, "total_steps": 5,
+                            "error": "KeyboardInterrupt: "}
 
 
 def test_rerun_of_finished_run_does_nothing(toy, tmp_path, capsys):
