@@ -101,13 +101,21 @@ class MiniWorldConfig:
   repetition_rate: float = 0.1  # repeat a word already written
   filler_insertion_rate: float = 0.1  # insert a function word
   missing_end_rate: float = 0.1  # stop without the final "."
+  # Rambling writers: with this probability a response also repeats 1..max_rambling
+  # words it has already written. 0 (the default) draws nothing, so worlds made
+  # without rambling are unchanged. Rambling puts long, repetitive, low-quality
+  # responses into D_initial, which a golden PM must have seen to judge such text
+  # when policies produce it (docs/mini_world.md, "Rambling writers").
+  rambling_rate: float = 0.0
+  max_rambling: int = 4
 
   def __post_init__(self):
     def check(ok, field, problem):
       if not ok:
         raise ValueError(f"MiniWorldConfig.{field}: {problem}")
 
-    for name in ("seed", "num_train", "num_validation", "min_facts", "max_facts", "max_modifiers"):
+    for name in ("seed", "num_train", "num_validation", "min_facts", "max_facts", "max_modifiers",
+                 "max_rambling"):
       value = getattr(self, name)
       check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
             name, f"expected a non-negative integer, got {value!r}")
@@ -121,7 +129,8 @@ class MiniWorldConfig:
     check(self.label_temperature > 0, "label_temperature",
           f"expected > 0, got {self.label_temperature}")
     for name in ("filler_rate", "min_diligence", "verbosity", "swap_rate", "substitution_rate",
-                 "insertion_rate", "repetition_rate", "filler_insertion_rate", "missing_end_rate"):
+                 "insertion_rate", "repetition_rate", "filler_insertion_rate", "missing_end_rate",
+                 "rambling_rate"):
       value = getattr(self, name)
       check(0.0 <= value <= 1.0, name, f"expected a probability in [0, 1], got {value!r}")
 
@@ -285,6 +294,10 @@ class MiniWorld:
       # Writers who repeat themselves mostly restate a fact they have just written.
       i = int(rng.integers(len(body)))
       body.insert(i + 1, body[i])
+    if c.rambling_rate and rng.random() < c.rambling_rate:
+      for _ in range(1 + int(rng.integers(max(c.max_rambling, 1)))):
+        i = int(rng.integers(len(body)))
+        body.insert(i + 1 + int(rng.integers(len(body) - i)), body[i])  # anywhere after it
     if rng.random() >= c.missing_end_rate:
       body.append(END)
     return " ".join(body)
