@@ -222,14 +222,29 @@ def read_stream(path: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no stream directory at {path}")
-  for step, file_path in _committed(path):
-    records = list(_read_records(file_path))
-    if len(records) != 1:
-      raise schema.BadRecordError(file_path, "?", "<file>", f"expected 1 record, found {len(records)}")
-    record_step, batch = _record_to_batch(file_path, records[0])
-    if record_step != step:
-      raise schema.BadRecordError(file_path, 0, "step", f"holds step {record_step}, the file name says {step}")
-    yield step, batch
+  for step, _ in _committed(path):
+    yield step, read_stream_batch(path, step)
+
+
+def stream_steps(path: str) -> list[int]:
+  """The steps of every committed batch of the stream at ``path``, ascending."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no stream directory at {path}")
+  return [step for step, _ in _committed(path)]
+
+
+def read_stream_batch(path: str, step: int) -> dict[str, np.ndarray]:
+  """The committed batch of one ``step`` of the stream at ``path``."""
+  file_path = os.path.join(path, f"batch-{step:010d}.tfrecord")
+  if not os.path.exists(file_path):
+    raise FileNotFoundError(f"stream {path} has no committed batch for step {step}")
+  records = list(_read_records(file_path))
+  if len(records) != 1:
+    raise schema.BadRecordError(file_path, "?", "<file>", f"expected 1 record, found {len(records)}")
+  record_step, batch = _record_to_batch(file_path, records[0])
+  if record_step != step:
+    raise schema.BadRecordError(file_path, 0, "step", f"holds step {record_step}, the file name says {step}")
+  return batch
 
 
 class StreamWriter:

@@ -102,6 +102,9 @@ COLUMNS = ("step", "checkpoint", "kl", "log_kl", "kl_stderr", "win_rate", "win_r
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "label")
 # evaluate_stage keeps its sample of online-stream pairs here, in the output directory.
 ONLINE_PAIRS_FILE = "online_pairs.npz"
+# An online run's proxy-vs-golden agreement along its own stream (Fig. 6).
+STREAM_AGREEMENT_FILE = "stream_agreement.json"
+STREAM_BINS = 10
 
 
 def subset_indices(n: int, k: int, *, seed: int, purpose: str) -> np.ndarray:
@@ -155,6 +158,8 @@ def evaluate_run(*, run_dir: Optional[str] = None, checkpoint_dir: Optional[str]
                  pm_input_length: int = 1024, batch_size: int = 32, seed: int = 0,
                  output_path: Optional[str] = None, save_samples: bool = False,
                  placement: Optional[partitioning.Placement] = None,
+                 extra_metrics: Optional[Callable[..., tuple[dict, dict]]] = None,
+                 extra_columns: Optional[Mapping[str, Any]] = None,
                  progress: Callable[[str], None] = print) -> list[dict]:
   """Evaluates every (or the chosen) checkpoint of a run; see the module docstring.
 
@@ -192,6 +197,13 @@ def evaluate_run(*, run_dir: Optional[str] = None, checkpoint_dir: Optional[str]
       per-example values to ``<stem>.samples/step_<step>.npz``.
     placement: the mesh and rule set every model is placed on; None = one
       device. ``batch_size`` must divide over its 'data' axis.
+    extra_metrics: optional report columns computed from each checkpoint's
+      win-rate samples: called with ``prompts [N, P]``, ``policy_samples [N, T]``,
+      ``golden_samples [N, T]`` and ``margins [N]`` (numpy), it returns
+      ``(columns, per-example arrays)``; the arrays go to the saved samples.
+      The miniature world's oracle columns (``t5align.eval.oracle``) use it.
+    extra_columns: fixed values added to every row (e.g. the online pairs'
+      proxy-vs-golden agreement).
     progress: receives one line per event.
 
   Returns:
@@ -299,14 +311,14 @@ def evaluate_run(*, run_dir: Optional[str] = None, checkpoint_dir: Optional[str]
           sft_params=sft_params, golden_policy_params=golden_policy_params,
           golden_pm_params=golden_pm_params, d_golden_pairs=d_golden_pairs,
           online_stream_pairs=online_stream_pairs, settings=settings, placement=placement,
-          progress=progress)
+          extra_metrics=extra_metrics, progress=progress)
     progress(f"{tag}: {where}: KL on {counts['num_kl_prompts']} prompts, win rate on "
              f"{counts['num_winrate_prompts']} prompts, accuracy on "
              f"{counts['num_classification_pairs']} D_golden pairs"
              + (f" and {counts['num_online_pairs']} online pairs" if counts["num_online_pairs"]
                 else ""))
     metrics, arrays = context.evaluate(placement.params(params, policy_config))
-    row = {"step": int(step), "checkpoint": where, **metrics, **settings,
+    row = {"step": int(step), "checkpoint": where, **metrics, **(extra_columns or {}), **settings,
            "eval_seconds": round(time.time() - started, 3)}
     rows = [r for r in rows if r["step"] != step] + [row]
     rows.sort(key=lambda r: r["step"])
@@ -336,7 +348,7 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
                    include_sft: bool = True, num_kl_prompts: int = 256,
                    num_winrate_prompts: int = 2048, num_classification_pairs: int = 256,
                    batch_size: int = 32, seed: int = 0, save_samples: bool = False,
-                   partitioning_config=None) -> list[dict]:
+                   partitioning_config=None, oracle: bool = False) -> list[dict]:
   """``t5align eval``: ``evaluate_run`` on the files the training stages write.
 
   Reads the SFT and golden-policy parameters from their run (or imported
@@ -351,6 +363,15 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
   length and the sample length; ``partitioning_config``
   (``stages.Partitioning``, default all devices data parallel) the mesh and
   rule set the models are placed on.
+
+  Online-stream pairs are classified against the golden PM's labels (the
+  paper's Fig. 6), not the stream's own (proxy) labels: the stream's labels
+  are kept as ``proxy_label`` and each row records
+  ``online_proxy_golden_agreement``. A run with its own stream also gets
+  ``stream_agreement.json``: the proxy-vs-golden agreement on
+  ``num_classification_pairs`` pairs near each of ``STREAM_BINS`` evenly
+  spaced steps of the stream. ``oracle``: add the miniature world's validity
+  columns (``t5align.eval.oracle``).
   """
   # The data pipeline (TensorFlow, SentencePiece) is only needed here.
   from t5align.data import tasks  # pylint: disable=g-import-not-at-top
@@ -372,34 +393,93 @@ def evaluate_stage(*, run_dir: str, output_dir: str, policy_config: t5.T5Config,
   prompts = arrays["prompt"][np.sort(first_rows)]  # distinct prompts, in file order
   if online_stream is None and os.path.isdir(os.path.join(run_dir, "stream")):
     online_stream = os.path.join(run_dir, "stream")
-  online_pairs = None
+  golden_pm_params = stages.best_checkpoint_params(golden_pm_run, golden_pm_config)
+  fmt = stages.pair_format(vocabulary, feature_lengths)
+
+  def golden_labels(pairs_to_label):
+    placed = placement.params(golden_pm_params, golden_pm_config)
+    margins = stages.preference_margins(
+        placed, golden_pm_config, fmt, pairs_to_label["prompt"], pairs_to_label["chosen"],
+        pairs_to_label["rejected"], pm_input_length=feature_lengths.pm_input_length,
+        batch_size=batch_size, placement=placement)
+    return np.asarray(preference.decide(np.asarray(margins)), np.float64)
+
+  online_pairs, extra = None, {}
   if online_stream is not None:
     # Kept from the first evaluation: the stream of a run that is still
     # training grows, and every checkpoint must be classified on the same pairs.
     kept = os.path.join(output_dir, ONLINE_PAIRS_FILE)
     if os.path.exists(kept):
       with np.load(kept) as saved:
-        online_pairs = {field: saved[field] for field in PAIR_FIELDS}
+        online_pairs = {field: saved[field] for field in (*PAIR_FIELDS, "proxy_label")}
     else:
       online_pairs = _stream_sample(writers.read_stream(online_stream),
                                     num_classification_pairs, seed=seed)
       if online_pairs is None:
         raise ValueError(f"online stream {online_stream} has no recorded batches")
+      online_pairs["proxy_label"] = online_pairs["label"]
+      online_pairs["label"] = golden_labels(online_pairs)
       _write_npz(kept, online_pairs)
+    extra["online_proxy_golden_agreement"] = float(np.mean(preference.agreement(
+        online_pairs["proxy_label"].astype(np.float64), online_pairs["label"])))
+  own_stream = os.path.join(run_dir, "stream")
+  agreement_path = os.path.join(output_dir, STREAM_AGREEMENT_FILE)
+  if os.path.isdir(own_stream) and not os.path.exists(agreement_path):
+    bins = _stream_bins(own_stream, num_classification_pairs)
+    for entry in bins:
+      labels = golden_labels(entry.pop("pairs"))
+      values = np.asarray(preference.agreement(entry.pop("proxy_label"), labels), np.float64)
+      entry["proxy_golden_agreement"] = float(np.mean(values))
+      entry["agreement_values"] = values.tolist()
+    _write_json(agreement_path, {"stream": own_stream, "bins": bins})
+  extra_metrics = None
+  if oracle:
+    from t5align.eval import oracle as oracle_lib  # pylint: disable=g-import-not-at-top
+    extra_metrics = oracle_lib.validity_columns(vocabulary)
   return evaluate_run(
       run_dir=run_dir, policy_config=policy_config,
       sft_params=stages.load_params(sft_checkpoint, policy_config),
       golden_policy_params=stages.load_params(golden_policy_checkpoint, golden_policy_config),
-      golden_pm_params=stages.best_checkpoint_params(golden_pm_run, golden_pm_config),
-      golden_pm_config=golden_pm_config,
-      pair_format=stages.pair_format(vocabulary, feature_lengths), prompts=prompts,
+      golden_pm_params=golden_pm_params, golden_pm_config=golden_pm_config,
+      pair_format=fmt, prompts=prompts,
       d_golden_pairs=pairs, online_stream_pairs=online_pairs,
       golden_policy_config=golden_policy_config, steps=steps, include_sft=include_sft,
       num_kl_prompts=num_kl_prompts, num_winrate_prompts=num_winrate_prompts,
       num_classification_pairs=num_classification_pairs,
       max_decode_length=feature_lengths.targets, pm_input_length=feature_lengths.pm_input_length,
       batch_size=batch_size, seed=seed, output_path=os.path.join(output_dir, "eval.jsonl"),
-      save_samples=save_samples, placement=placement)
+      save_samples=save_samples, placement=placement, extra_metrics=extra_metrics,
+      extra_columns=extra)
+
+
+def _stream_bins(stream: str, pairs_per_bin: int) -> list[dict]:
+  """Pairs near each of ``STREAM_BINS`` evenly spaced steps of a recorded stream.
+
+  Bin ``k`` starts at the batch of position ``round(k * (n - 1) / (bins - 1))``
+  of the ``n`` recorded batches and takes consecutive batches until it holds
+  ``pairs_per_bin`` pairs (the paper's "64 pairs near each of 10 evenly spaced
+  online checkpoints", App. E).
+  """
+  from t5align.data import writers  # pylint: disable=g-import-not-at-top
+  steps = writers.stream_steps(stream)
+  if not steps:
+    return []
+  count = min(STREAM_BINS, len(steps))
+  starts = sorted({round(k * (len(steps) - 1) / max(count - 1, 1)) for k in range(count)})
+  bins = []
+  for start in starts:
+    parts, held, position = [], 0, start
+    while held < pairs_per_bin and position < len(steps):
+      batch = writers.read_stream_batch(stream, steps[position])
+      parts.append(batch)
+      held += batch["prompt"].shape[0]
+      position += 1
+    pairs = {field: np.concatenate([p[field] for p in parts])[:pairs_per_bin]
+             for field in PAIR_FIELDS}
+    bins.append({"step": int(steps[start]), "last_step": int(steps[position - 1]),
+                 "pairs": pairs, "num_pairs": int(pairs["prompt"].shape[0]),
+                 "proxy_label": pairs["label"].astype(np.float64)})
+  return bins
 
 
 def _stream_sample(batches, k: int, *, seed: int) -> Optional[dict[str, np.ndarray]]:
@@ -430,8 +510,9 @@ class _Context:
 
   def __init__(self, *, policy_config, golden_policy_config, golden_pm_config, pair_format,
                prompts, sft_params, golden_policy_params, golden_pm_params, d_golden_pairs,
-               online_stream_pairs, settings, placement, progress):
+               online_stream_pairs, settings, placement, extra_metrics, progress):
     self.policy_config = policy_config
+    self.extra_metrics = extra_metrics
     self.golden_pm_config = golden_pm_config
     self.pair_format = pair_format
     self.settings = settings
@@ -503,6 +584,12 @@ class _Context:
               "kl_values": kl_values, "winrate_prompt_indices": self.winrate_indices,
               "policy_samples": policy_samples, "golden_samples": self.golden_samples,
               "margins": margins, "wins": wins}
+    if self.extra_metrics is not None:
+      columns, extra_arrays = self.extra_metrics(
+          prompts=self.winrate_prompts, policy_samples=np.asarray(policy_samples),
+          golden_samples=np.asarray(self.golden_samples), margins=np.asarray(margins))
+      metrics.update(columns)
+      arrays.update(extra_arrays)
     for name, (indices, pairs, sft_logprobs) in self.pair_sets.items():
       policy_logprobs = _pair_logprobs(params, config, pairs, batch_size, self.placement)
       f, result = _classify(policy_logprobs, sft_logprobs, pairs["label"])
@@ -512,6 +599,9 @@ class _Context:
         metrics["drift_loser"] = result["drift_loser"]
       arrays[f"{name}_pair_indices"] = indices
       arrays[f"{name}_f"] = f
+      arrays[f"{name}_correct"] = result["correct"]
+      arrays[f"{name}_drift_winner"] = result["drift_winner_values"]
+      arrays[f"{name}_drift_loser"] = result["drift_loser_values"]
     return metrics, arrays
 
 
@@ -524,9 +614,12 @@ def _classify(policy_logprobs, sft_logprobs, label) -> tuple[np.ndarray, dict]:
   predicted = np.asarray(preference.decide(f), np.float64)
   label = label.astype(np.float64)
   chosen_wins = label >= 0.5
-  return f, {"accuracy": float(np.mean(preference.agreement(predicted, label))),
-             "drift_winner": float(np.mean(np.where(chosen_wins, drift_chosen, drift_rejected))),
-             "drift_loser": float(np.mean(np.where(chosen_wins, drift_rejected, drift_chosen)))}
+  correct = np.asarray(preference.agreement(predicted, label), np.float64)
+  drift_winner = np.where(chosen_wins, drift_chosen, drift_rejected)
+  drift_loser = np.where(chosen_wins, drift_rejected, drift_chosen)
+  return f, {"accuracy": float(np.mean(correct)), "drift_winner": float(np.mean(drift_winner)),
+             "drift_loser": float(np.mean(drift_loser)), "correct": correct,
+             "drift_winner_values": drift_winner, "drift_loser_values": drift_loser}
 
 
 def _stderr(values: np.ndarray) -> float:
@@ -666,6 +759,10 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     for row in rows:
       writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
   _atomic_write(path, write)
+
+
+def _write_json(path: str, obj) -> None:
+  _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
