@@ -201,9 +201,7 @@ def gates_stage(*, output_dir: str, task: str, policy_config: t5.T5Config, sft_r
   os.makedirs(output_dir, exist_ok=True)
   stages.write_json_atomic(os.path.join(output_dir, GATES_FILE), record)
   table = gates_markdown(record)
-  with open(os.path.join(output_dir, "gates.md.tmp"), "w") as f:
-    f.write(table + "\n")
-  os.replace(os.path.join(output_dir, "gates.md.tmp"), os.path.join(output_dir, "gates.md"))
+  stages.write_text_atomic(os.path.join(output_dir, "gates.md"), table + "\n")
   _say("measured before any policy run:\n" + table)
   return record
 

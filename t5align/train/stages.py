@@ -230,11 +230,16 @@ class _ShardedSource:
     self.source.on_restore(step)
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes ``path`` through a temporary file and a rename: never a partial file."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _run(*, run_dir: str, config: t5.T5Config, part: Partitioning, batch_size: int,
@@ -424,7 +429,7 @@ def preference(*, run_dir: str, model_config: t5.T5Config, train_data: str, batc
                                          batch_size=batch_size, placement=placement)
       _say(f"preference: step {step} validation accuracy {scores[step]:.4f}")
     best = max(scores, key=lambda s: (scores[s], s))
-    _write_json_atomic(os.path.join(run_dir, "best_checkpoint.json"),
+    write_json_atomic(os.path.join(run_dir, "best_checkpoint.json"),
                        {"step": best, "validation_accuracy": scores[best],
                         "all": {str(k): v for k, v in scores.items()}})
   return state
