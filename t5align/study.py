@@ -45,9 +45,12 @@ from t5align.train import steps
 
 DONE = "DONE"
 # Stages a study can stop after (--until), in the order it runs them.
-UNTIL_STAGES = ("data", "golden_pm", "relabel", "sft", "proxy_pm", "golden_policy", "online")
+UNTIL_STAGES = ("data", "golden_pm", "relabel", "sft", "proxy_pm", "gates", "golden_policy",
+                "online")
 # Which SFT policy this study's later stages were built on (its own or an sft_run).
 SFT_SOURCE_FILE = "sft_source.json"
+# The study's policy runs and what each is (method, seed, grid point): eval/runs.json.
+RUNS_FILE = "runs.json"
 
 
 def d_golden_path(study_dir: str) -> str:
@@ -120,7 +123,23 @@ class StudyConfig:
   num_winrate_prompts: int = 2048
   num_classification_pairs: int = 256
   eval_batch_size: int = 32
+  # The world/data seed: the miniature world, the golden and proxy PMs, SFT, the
+  # golden policy, and every evaluation subset and draw (so all runs are judged
+  # on the same prompts with the same golden-policy samples).
   seed: int = 0
+  # Training seeds of the policy runs (parameter-free randomness: data order,
+  # online samples, dropout). Online, offline and tandem run once per seed; the
+  # variants (Best-of-2, sanity replay, windows, fixed-policy datasets) at the
+  # first seed only.
+  training_seeds: Sequence[int] = (0,)
+  # Online over the offline sweep's LR x beta grid (a symmetric comparison)
+  # instead of the single baseline (online_learning_rate, online_beta), which
+  # is the paper's protocol. The baseline must be a point of the grid.
+  online_sweep: bool = False
+  # Checkpoints per policy run (evenly spaced); 0 = every checkpoint_every steps.
+  checkpoints_per_run: int = 0
+  # Options of the miniature world's MiniWorldConfig beyond seed and sizes.
+  mini_world_options: Optional[dict] = None
   # Scaling runs (Fig. 10, 11): reuse data, golden PM, D_golden, proxy PM and golden
   # policy of the Large study in this directory; only SFT and the policies are new.
   base_study_dir: Optional[str] = None
@@ -133,6 +152,15 @@ class StudyConfig:
   until: Optional[str] = None
 
   def __post_init__(self):
+    if not self.training_seeds or len(set(self.training_seeds)) != len(self.training_seeds):
+      raise ValueError(f"StudyConfig.training_seeds must be distinct seeds, at least one, got "
+                       f"{self.training_seeds!r}")
+    if self.online_sweep and (self.online_learning_rate not in self.offline_learning_rates
+                              or self.online_beta not in self.offline_betas):
+      raise ValueError(f"StudyConfig.online_sweep: the baseline online_learning_rate="
+                       f"{self.online_learning_rate:g}, online_beta={self.online_beta:g} must be "
+                       f"a point of the offline grid {tuple(self.offline_learning_rates)} x "
+                       f"{tuple(self.offline_betas)}")
     if self.until is not None and self.until not in UNTIL_STAGES:
       raise ValueError(f"StudyConfig.until={self.until!r} is not a stage a study can stop after; "
                        f"allowed: {', '.join(UNTIL_STAGES)}")
@@ -210,7 +238,8 @@ class Study:
     def make(run_dir):
       from t5align.data import mini_world, writers
       world = mini_world.MiniWorld(mini_world.MiniWorldConfig(
-          seed=c.seed, num_train=c.mini_world_train, num_validation=c.mini_world_validation))
+          seed=c.seed, num_train=c.mini_world_train, num_validation=c.mini_world_validation,
+          **(c.mini_world_options or {})))
       writers.write_examples(os.path.join(run_dir, "train.tfrecord"), world.d_initial("train"))
       writers.write_examples(os.path.join(run_dir, "validation.tfrecord"),
                              world.d_initial("validation"))
@@ -254,68 +283,103 @@ class Study:
         **self._common()))
     if self._stop_after("proxy_pm"):
       return
+    self._stage("gates", lambda d: self.gates(d, sft=sft, golden_pm=golden_pm,
+                                              proxy_pm=proxy_pm, d_golden=d_golden,
+                                              d_golden_val=d_golden_val, validation=validation))
+    if self._stop_after("gates"):
+      return
+    self.policy_runs(sft=sft, golden_pm=golden_pm, proxy_pm=proxy_pm, d_golden=d_golden)
 
-    def align(name, **kwargs):
+  def _policy_ckpt(self, train_steps: int) -> stages.Checkpointing:
+    if not self.c.checkpoints_per_run:
+      return self._ckpt()
+    return stages.Checkpointing(every_steps=max(1, train_steps // self.c.checkpoints_per_run),
+                                keep=10 ** 6)
+
+  def policy_runs(self, *, sft: str, golden_pm: str, proxy_pm: str, d_golden: str) -> None:
+    """Every policy run of the study, then their evaluation and the report.
+
+    ``self.runs`` maps each run's name to its description (method, training
+    seed, learning rate, beta, steps, and the online stream its evaluation
+    classifies); the report reads it from ``eval/runs.json``.
+    """
+    c = self.c
+    self.runs, policies = {}, {}
+    first_seed = c.training_seeds[0]
+
+    def align(name, *, method, seed, stream_seed=None, **kwargs):
       lr = kwargs.pop("learning_rate", c.online_learning_rate)
       loss = kwargs.pop("loss", steps.AlignLoss(name="ipo", beta=c.online_beta))
-      return self._stage(name, lambda d: stages.align(
+      train_steps = kwargs["train_steps"]
+      self.runs[name] = {"method": method, "seed": seed, "learning_rate": lr,
+                         "beta": loss.beta if loss.name != "best_of_2" else None,
+                         "loss": loss.name, "steps": train_steps,
+                         "stream_seed": first_seed if stream_seed is None else stream_seed}
+      policies[name] = self._stage(name, lambda d: stages.align(
           run_dir=d, policy_config=c.policy_config, sft_checkpoint=sft,
           batch_size=c.policy_batch_size, loss=loss,
           optimizer=stages.Optimizer(name=c.optimizer_name, learning_rate=lr),
-          checkpointing=self._ckpt(),
-          partitioning_config=c.partitioning, seed=c.seed, **self._common(), **kwargs))
+          checkpointing=self._policy_ckpt(train_steps),
+          partitioning_config=c.partitioning, seed=seed, **self._common(), **kwargs))
+      return policies[name]
 
-    policies = {}
-    policies["golden_policy"] = align("golden_policy", pair_source="online", train_data=d_golden,
-                                      pm_run=golden_pm, pm_config=c.golden_pm_config,
-                                      train_steps=c.online_steps)
+    self.golden_policy = self._stage("golden_policy", lambda d: stages.align(
+        run_dir=d, policy_config=c.policy_config, sft_checkpoint=sft,
+        batch_size=c.policy_batch_size, loss=steps.AlignLoss(name="ipo", beta=c.online_beta),
+        optimizer=stages.Optimizer(name=c.optimizer_name, learning_rate=c.online_learning_rate),
+        checkpointing=self._policy_ckpt(c.online_steps), partitioning_config=c.partitioning,
+        seed=c.seed, pair_source="online", train_data=d_golden, pm_run=golden_pm,
+        pm_config=c.golden_pm_config, train_steps=c.online_steps, **self._common()))
     if self._stop_after("golden_policy"):
       return
-    policies["online"] = align("online", pair_source="online", train_data=d_golden,
-                               pm_run=proxy_pm, pm_config=c.proxy_pm_config,
-                               train_steps=c.online_steps)
+    grid = [(lr, beta) for lr in c.offline_learning_rates for beta in c.offline_betas]
+    online_grid = grid if c.online_sweep else [(c.online_learning_rate, c.online_beta)]
+    for seed in c.training_seeds:
+      for lr, beta in online_grid:
+        align(online_run(lr, beta, seed), method="online", seed=seed, stream_seed=seed,
+              pair_source="online", train_data=d_golden, pm_run=proxy_pm,
+              pm_config=c.proxy_pm_config, train_steps=c.online_steps, learning_rate=lr,
+              loss=steps.AlignLoss(name="ipo", beta=beta))
     if self._stop_after("online"):
       return
-    for lr in c.offline_learning_rates:
-      for beta in c.offline_betas:
+    for seed in c.training_seeds:
+      stream = self.path(self.baseline_online(seed), "stream")
+      for lr, beta in grid:
         for n in c.offline_steps:
-          name = f"offline_lr{lr:g}_beta{beta:g}_steps{n}"
-          policies[name] = align(name, pair_source="offline", train_data=d_golden,
-                                 learning_rate=lr, train_steps=n,
-                                 loss=steps.AlignLoss(name="ipo", beta=beta))
-          if c.tandem and n <= c.online_steps:
-            name = f"tandem_lr{lr:g}_beta{beta:g}"
-            policies[name] = align(name, pair_source="replay",
-                                   replay_stream=self.path("online", "stream"),
-                                   replay_order="shuffled", learning_rate=lr,
-                                   train_steps=c.online_steps,
-                                   loss=steps.AlignLoss(name="ipo", beta=beta))
-    stream = self.path("online", "stream")
+          align(f"offline_lr{lr:g}_beta{beta:g}_steps{n}_seed{seed}", method="offline",
+                seed=seed, stream_seed=seed, pair_source="offline", train_data=d_golden,
+                learning_rate=lr, train_steps=n, loss=steps.AlignLoss(name="ipo", beta=beta))
+        if c.tandem:
+          align(f"tandem_lr{lr:g}_beta{beta:g}_seed{seed}", method="tandem", seed=seed,
+                stream_seed=seed, pair_source="replay", replay_stream=stream,
+                replay_order="shuffled", learning_rate=lr, train_steps=c.online_steps,
+                loss=steps.AlignLoss(name="ipo", beta=beta))
+    stream = self.path(self.baseline_online(first_seed), "stream")
     if c.sanity_replay:
-      policies["sanity_replay"] = align("sanity_replay", pair_source="replay",
-                                        replay_stream=stream, replay_order="ordered",
-                                        train_steps=c.online_steps)
+      align("sanity_replay", method="sanity_replay", seed=first_seed, pair_source="replay",
+            replay_stream=stream, replay_order="ordered", train_steps=c.online_steps)
     for window in c.shuffle_windows:
-      name = f"window_{window}"
-      policies[name] = align(name, pair_source="replay", replay_stream=stream,
-                             replay_order="windowed", replay_window=window,
-                             train_steps=c.online_steps)
+      align(f"window_{window}", method=f"window_{window}", seed=first_seed, pair_source="replay",
+            replay_stream=stream, replay_order="windowed", replay_window=window,
+            train_steps=c.online_steps)
     if c.best_of_2:
       bo2 = steps.AlignLoss(name="best_of_2")
-      policies["bo2_online"] = align("bo2_online", pair_source="online", train_data=d_golden,
-                                     pm_run=proxy_pm, pm_config=c.proxy_pm_config,
-                                     train_steps=c.online_steps, loss=bo2)
-      policies["bo2_offline"] = align("bo2_offline", pair_source="offline", train_data=d_golden,
-                                      train_steps=c.online_steps, loss=bo2)
+      align("bo2_online", method="bo2_online", seed=first_seed, pair_source="online",
+            train_data=d_golden, pm_run=proxy_pm, pm_config=c.proxy_pm_config,
+            train_steps=c.online_steps, loss=bo2)
+      align("bo2_offline", method="bo2_offline", seed=first_seed, pair_source="offline",
+            train_data=d_golden, train_steps=c.online_steps, loss=bo2)
       if c.tandem:
-        policies["bo2_tandem"] = align("bo2_tandem", pair_source="replay",
-                                       replay_stream=self.path("bo2_online", "stream"),
-                                       replay_order="shuffled", train_steps=c.online_steps,
-                                       loss=bo2)
+        align("bo2_tandem", method="bo2_tandem", seed=first_seed, pair_source="replay",
+              replay_stream=self.path("bo2_online", "stream"), replay_order="shuffled",
+              train_steps=c.online_steps, loss=bo2)
     if c.fixed_policy_datasets:
-      policies.update(self.fixed_policy_runs(align, sft=sft, golden_pm=golden_pm,
-                                             d_golden=d_golden))
+      self.fixed_policy_runs(align, sft=sft, golden_pm=golden_pm, d_golden=d_golden)
     self.evaluate(policies, sft=sft, golden_pm=golden_pm, d_golden=d_golden)
+
+  def baseline_online(self, seed: int) -> str:
+    """The name of the online run at the baseline (online_learning_rate, online_beta)."""
+    return online_run(self.c.online_learning_rate, self.c.online_beta, seed)
 
   def sft(self, d_golden: str) -> str:
     """The SFT run of this study: its own ``sft`` stage on D_golden, or ``sft_run``."""
@@ -357,18 +421,23 @@ class Study:
       with open(record, "w") as f:
         f.write(json.dumps({"sft": source}) + "\n")
 
-  def fixed_policy_runs(self, align, *, sft: str, golden_pm: str, d_golden: str) -> dict:
-    """D_4k-vs-4k, D_sft-vs-800 and D_800-vs-4k (Fig. 5, 12), then offline IPO on each."""
+  def fixed_policy_runs(self, align, *, sft: str, golden_pm: str, d_golden: str) -> None:
+    """D_4k-vs-4k, D_sft-vs-800 and D_800-vs-4k (Fig. 5, 12), then offline IPO on each.
+
+    The fixed policies are checkpoints of the baseline online run of the first
+    training seed; the offline runs on them use that seed too.
+    """
     from t5align.train import fixed_policy
     c = self.c
-    online, final = self.path("online"), c.online_steps
-    if c.early_step % c.checkpoint_every or c.early_step >= final:
-      raise ValueError(f"early_step={c.early_step} must be a multiple of checkpoint_every="
-                       f"{c.checkpoint_every} and below online_steps={final}")
+    seed = c.training_seeds[0]
+    online, final = self.path(self.baseline_online(seed)), c.online_steps
+    every = self._policy_ckpt(final).every_steps
+    if c.early_step % every or c.early_step >= final:
+      raise ValueError(f"early_step={c.early_step} must be a multiple of the online run's "
+                       f"checkpoint interval {every} and below online_steps={final}")
     sides = {f"{final}_vs_{final}": ((online, final), (online, final)),
              f"sft_vs_{c.early_step}": ((sft, None), (online, c.early_step)),
              f"{c.early_step}_vs_{final}": ((online, c.early_step), (online, final))}
-    runs = {}
     for name, ((a, step_a), (b, step_b)) in sides.items():
       data = self.path(f"pairs_{name}", "pairs.tfrecord")
       self._stage(f"pairs_{name}", lambda d, a=a, b=b, step_a=step_a, step_b=step_b, data=data:
@@ -379,11 +448,30 @@ class Study:
                       output_data=data, batch_size=c.eval_batch_size, seed=c.seed,
                       partitioning_config=c.partitioning, **self._common()))
       for lr in c.fixed_policy_learning_rates:
-        run = f"fixed_{name}_lr{lr:g}"
-        runs[run] = align(run, pair_source="offline", train_data=data, learning_rate=lr,
-                          train_steps=c.fixed_policy_steps,
-                          loss=steps.AlignLoss(name="ipo", beta=c.fixed_policy_beta))
-    return runs
+        align(f"fixed_{name}_lr{lr:g}", method=f"fixed_{name}", seed=seed, pair_source="offline",
+              train_data=data, learning_rate=lr, train_steps=c.fixed_policy_steps,
+              loss=steps.AlignLoss(name="ipo", beta=c.fixed_policy_beta))
+
+  def gates(self, run_dir: str, *, sft: str, golden_pm: str, proxy_pm: str, d_golden: str,
+            d_golden_val: str, validation: str) -> None:
+    """The protocol's gates, measured before any policy stage (``t5align.eval.gates``)."""
+    from t5align.eval import gates as gates_lib
+    c = self.c
+    gates_lib.gates_stage(
+        output_dir=run_dir, task=c.task, policy_config=c.policy_config, sft_run=sft,
+        golden_pm_run=golden_pm, golden_pm_config=c.golden_pm_config, proxy_pm_run=proxy_pm,
+        proxy_pm_config=c.proxy_pm_config, d_golden=d_golden, d_initial_validation=validation,
+        sft_epochs=self.sft_epochs(d_golden), num_prompts=c.num_kl_prompts,
+        batch_size=c.eval_batch_size, seed=c.seed, partitioning_config=c.partitioning,
+        **self._common())
+
+  def sft_epochs(self, d_golden: str) -> Optional[float]:
+    """Passes of this study's SFT over its targets (None for an sft_run trained elsewhere)."""
+    if self.c.sft_run:
+      return None
+    from t5align.data import writers
+    targets = 2 * len(writers.read_examples(d_golden))
+    return self.c.sft_steps * self.c.sft_batch_size / targets
 
   def evaluate(self, policies: dict, *, sft: str, golden_pm: str, d_golden: str) -> None:
     from t5align.eval import evaluate as evaluate_lib
@@ -392,16 +480,24 @@ class Study:
     eval_dir = self.path("eval")
     os.makedirs(eval_dir, exist_ok=True)
     for name, run_dir in policies.items():
-      if name == "golden_policy":
-        continue
-      self._stage(os.path.join("eval", name), lambda d, run_dir=run_dir: evaluate_lib.evaluate_stage(
+      stream = self.path(self.baseline_online(self.runs[name]["stream_seed"]), "stream")
+      self._stage(os.path.join("eval", name), lambda d, run_dir=run_dir, stream=stream:
+                  evaluate_lib.evaluate_stage(
           run_dir=run_dir, output_dir=d, policy_config=c.policy_config, sft_checkpoint=sft,
-          golden_policy_checkpoint=policies["golden_policy"], golden_pm_run=golden_pm,
-          golden_pm_config=c.golden_pm_config, d_golden=d_golden,
+          golden_policy_checkpoint=self.golden_policy, golden_pm_run=golden_pm,
+          golden_pm_config=c.golden_pm_config, d_golden=d_golden, online_stream=stream,
           num_kl_prompts=c.num_kl_prompts, num_winrate_prompts=c.num_winrate_prompts,
           num_classification_pairs=c.num_classification_pairs, batch_size=c.eval_batch_size,
-          seed=c.seed, partitioning_config=c.partitioning, **self._common()))
-    report_lib.study_report(eval_dir=eval_dir, output_dir=self.path("report"), task=c.task)
+          seed=c.seed, partitioning_config=c.partitioning, save_samples=True,
+          oracle=c.task == "mini", **self._common()))
+    stages.write_json_atomic(os.path.join(eval_dir, RUNS_FILE), self.runs)
+    report_lib.study_report(eval_dir=eval_dir, output_dir=self.path("report"), task=c.task,
+                            gates_dir=self.path("gates"))
+
+
+def online_run(learning_rate: float, beta: float, seed: int) -> str:
+  """The run name of online IPO at one grid point and training seed."""
+  return f"online_lr{learning_rate:g}_beta{beta:g}_seed{seed}"
 
 
 def check_finished_run(run_dir: str, *, what: str) -> str:
@@ -419,6 +515,29 @@ def check_finished_run(run_dir: str, *, what: str) -> str:
     raise ValueError(f"{what}={run_dir!r}: the run has not finished ({status_path}: {status}); "
                      "run its command again to complete it")
   return run_dir
+
+
+COMPILE_CACHE_SUBDIR = "compile_cache"
+
+
+def use_compilation_cache(study_dir: str) -> str:
+  """Turns on JAX's persistent compilation cache for this process; returns its directory.
+
+  The study's ~30 runs jit the same step functions at the same shapes, so
+  every program is compiled once per study (and once per machine when
+  ``JAX_COMPILATION_CACHE_DIR`` points several studies at one directory);
+  default ``<study_dir>/compile_cache``. A cached executable is the one the
+  compiler produced, so results are unchanged.
+  """
+  from jax.experimental.compilation_cache import compilation_cache
+  import jax
+  cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      study_dir, COMPILE_CACHE_SUBDIR)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()  # a cache opened earlier in this process is left
+  compilation_cache.set_cache_dir(cache_dir)
+  return cache_dir
 
 
 def _pop_until(argv: list[str]) -> tuple[Optional[str], list[str]]:
@@ -459,8 +578,8 @@ def main(argv: Sequence[str]) -> int:
   if until is not None:
     config = dataclasses.replace(config, until=until)
   os.makedirs(config.study_dir, exist_ok=True)
-  with open(os.path.join(config.study_dir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+  stages.write_text_atomic(os.path.join(config.study_dir, "config.gin"), gin.config_str())
+  use_compilation_cache(config.study_dir)
   Study(config).run()
   if config.until is None:
     _say(f"report: {os.path.join(config.study_dir, 'report')}")

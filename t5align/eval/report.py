@@ -213,8 +213,9 @@ def make_report(*, runs, output_dir: PathLike, title: str = "t5align evaluation"
 
 
 def study_method(run_name: str) -> str:
-  """A study run's method label: its name up to ``_lr`` (``offline_lr1e-05_...`` -> offline)."""
-  return run_name.split("_lr", 1)[0]
+  """A study run's method label: its name up to ``_lr`` or ``_seed`` (``offline_lr1e-05_...``
+  -> offline)."""
+  return re.sub(r"_seed\d+$", "", run_name.split("_lr", 1)[0])
 
 
 def _study_runs(eval_dir: PathLike, task: str) -> list[tuple]:
@@ -226,7 +227,8 @@ def _study_runs(eval_dir: PathLike, task: str) -> list[tuple]:
 
 
 def study_report(*, eval_dir: PathLike, output_dir: PathLike, task: str,
-                 title: Optional[str] = None, quantile: float = 0.9) -> dict[str, str]:
+                 title: Optional[str] = None, quantile: float = 0.9,
+                 gates_dir: Optional[PathLike] = None) -> dict[str, str]:
   """``make_report`` over a study's ``<eval_dir>/<run name>/eval.jsonl`` files.
 
   Run names are the study runner's (``online``, ``offline_lr3e-06_beta0.1_steps4000``,
