@@ -123,6 +123,8 @@ class StudyConfig:
   num_winrate_prompts: int = 2048
   num_classification_pairs: int = 256
   eval_batch_size: int = 32
+  # Bootstrap resamples of the report's intervals (t5align.eval.statistics).
+  bootstrap_resamples: int = 1000
   # The world/data seed: the miniature world, the golden and proxy PMs, SFT, the
   # golden policy, and every evaluation subset and draw (so all runs are judged
   # on the same prompts with the same golden-policy samples).
@@ -176,8 +178,9 @@ def _say(message: str) -> None:
 class Study:
   """Runs a ``StudyConfig``'s stages, skipping the finished ones."""
 
-  def __init__(self, config: StudyConfig):
+  def __init__(self, config: StudyConfig, command: Optional[str] = None):
     self.c = config
+    self.command = command  # the command line, for the report's provenance
     os.makedirs(config.study_dir, exist_ok=True)
 
   def path(self, *parts: str) -> str:
@@ -475,7 +478,7 @@ class Study:
 
   def evaluate(self, policies: dict, *, sft: str, golden_pm: str, d_golden: str) -> None:
     from t5align.eval import evaluate as evaluate_lib
-    from t5align.eval import report as report_lib
+    from t5align.eval import study_report
     c = self.c
     eval_dir = self.path("eval")
     os.makedirs(eval_dir, exist_ok=True)
@@ -491,8 +494,9 @@ class Study:
           seed=c.seed, partitioning_config=c.partitioning, save_samples=True,
           oracle=c.task == "mini", **self._common()))
     stages.write_json_atomic(os.path.join(eval_dir, RUNS_FILE), self.runs)
-    report_lib.study_report(eval_dir=eval_dir, output_dir=self.path("report"), task=c.task,
-                            gates_dir=self.path("gates"))
+    study_report.write(eval_dir=eval_dir, output_dir=self.path("report"), task=c.task,
+                       gates_dir=self.path("gates"), study_config=c,
+                       num_resamples=c.bootstrap_resamples, command=self.command)
 
 
 def online_run(learning_rate: float, beta: float, seed: int) -> str:
@@ -563,6 +567,7 @@ def main(argv: Sequence[str]) -> int:
   """``t5align study --gin_file=EXPERIMENT.gin [--quick] [--until=STAGE] [--gin.X=V ...]``."""
   import gin
   from t5align import cli
+  argv_given = list(argv)
   until, argv = _pop_until(list(argv))
   quick = "--quick" in argv
   argv = [a for a in argv if a != "--quick"]
@@ -580,7 +585,7 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(config.study_dir, exist_ok=True)
   stages.write_text_atomic(os.path.join(config.study_dir, "config.gin"), gin.config_str())
   use_compilation_cache(config.study_dir)
-  Study(config).run()
+  Study(config, command=" ".join(["t5align study", *argv_given])).run()
   if config.until is None:
     _say(f"report: {os.path.join(config.study_dir, 'report')}")
   return 0

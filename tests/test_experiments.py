@@ -70,8 +70,17 @@ def test_mini_and_quick():
   quick = _config(["experiments/mini.gin", "experiments/mini_quick.gin"])
   assert full.task == quick.task == "mini"
   assert quick.online_steps < full.online_steps and quick.study_dir != full.study_dir
-  assert full.early_step % full.checkpoint_every == 0 and full.early_step < full.online_steps
-  assert quick.early_step % quick.checkpoint_every == 0 and quick.early_step < quick.online_steps
+  for c in (full, quick):
+    every = c.online_steps // c.checkpoints_per_run
+    assert c.early_step % every == 0 and c.early_step < c.online_steps
+  # The main job's protocol (docs/results/README.md): fitted SFT, three training
+  # seeds, online and offline on one grid, offline over several epochs, at least 8
+  # checkpoints per run, KL on 256 prompts.
+  assert 2.5 <= full.sft_steps * full.sft_batch_size / (2 * full.mini_world_train) <= 4
+  assert len(full.training_seeds) >= 3 and full.online_sweep
+  assert full.offline_steps[-1] * full.policy_batch_size >= 2 * full.mini_world_train
+  assert full.checkpoints_per_run >= 8 and full.num_kl_prompts == 256
+  assert len(quick.training_seeds) >= 2
 
 
 @pytest.mark.parametrize("size,field,init", [("small", "policy_config", "policy_init_checkpoint"),

@@ -10,12 +10,14 @@ import json
 import os
 
 import gin
+import numpy as np
 import pytest
 
 from t5align import cli
 from t5align import study
+from t5align.data import writers
 from t5align.eval import evaluate
-from t5align.eval import report
+from t5align.eval import study_report
 from t5align.train import fixed_policy
 from t5align.train import stages
 
@@ -34,49 +36,118 @@ def _main(args):
     gin.clear_config(clear_constants=True)
 
 
-@pytest.mark.slow
-def test_quick_study_runs_every_stage_and_skips_them_on_rerun(tmp_path, capsys):
-  study_dir = tmp_path / "quick"
-  args = ["--gin_file=experiments/mini.gin", "--quick", f"--gin.STUDY_DIR='{study_dir}'"]
-  assert _main(args) == 0
-  out = capsys.readouterr().out
+SEED0, SEED1 = "online_lr0.0001_beta0.1_seed0", "online_lr0.0001_beta0.1_seed1"
 
+
+def _quick(study_dir):
+  return ["--gin_file=experiments/mini.gin", "--quick", f"--gin.STUDY_DIR='{study_dir}'"]
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+  """One ``--quick`` study, with a compilation cache the determinism test shares."""
+  root = tmp_path_factory.mktemp("quick")
+  cache = str(root / "jax_cache")
+  previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      assert _main(_quick(root / "first")) == 0
+  finally:
+    if previous is None:
+      os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+    else:
+      os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
+  return root / "first", out.getvalue(), cache
+
+
+def _eval_rows(study_dir):
+  """Every eval row of a study, without what depends on where and how fast it ran."""
+  rows = {}
+  for name in sorted(os.listdir(study_dir / "eval")):
+    path = study_dir / "eval" / name / "eval.jsonl"
+    if path.exists():
+      rows[name] = [{k: v for k, v in json.loads(line).items()
+                     if k not in ("eval_seconds", "checkpoint")}
+                    for line in path.read_text().splitlines()]
+  return rows
+
+
+@pytest.mark.slow
+def test_quick_study_runs_every_stage_and_skips_them_on_rerun(quick_study, capsys):
+  study_dir, out, _ = quick_study
   stages = _stage_dirs(study_dir)
-  # Every experiment of the paper has its run directory, each finished.
-  for name in ("data", "golden_pm", "relabel", "sft", "proxy_pm", "golden_policy", "online",
-               "offline_lr0.0001_beta0.1_steps10", "tandem_lr0.0001_beta0.1", "sanity_replay",
-               "window_4", "bo2_online", "bo2_offline", "bo2_tandem", "pairs_10_vs_10",
-               "pairs_sft_vs_5", "pairs_5_vs_10", "fixed_10_vs_10_lr0.0001",
-               "fixed_sft_vs_5_lr0.0001", "fixed_5_vs_10_lr0.0001"):
+  # Every experiment of the paper has its run directory, each finished; online,
+  # offline and tandem once per training seed.
+  for name in ("data", "golden_pm", "relabel", "sft", "proxy_pm", "gates", "golden_policy",
+               SEED0, SEED1, "offline_lr0.0001_beta0.1_steps20_seed0",
+               "offline_lr0.0001_beta0.1_steps20_seed1", "tandem_lr0.0001_beta0.1_seed0",
+               "tandem_lr0.0001_beta0.1_seed1", "sanity_replay", "window_4", "bo2_online",
+               "bo2_offline", "bo2_tandem", "pairs_10_vs_10", "pairs_sft_vs_5", "pairs_5_vs_10",
+               "fixed_10_vs_10_lr0.0001", "fixed_sft_vs_5_lr0.0001", "fixed_5_vs_10_lr0.0001"):
     assert name in stages, (name, stages)
     assert (study_dir / name / study.DONE).exists(), name
   assert (study_dir / "config.gin").exists()
   assert "policy_init_checkpoint" in (study_dir / "config.gin").read_text()
+  assert "gates: measured before any policy run" in out
 
-  # Every policy run is evaluated at each of its checkpoints (0, 5, 10).
-  not_policies = ("data", "golden_pm", "relabel", "sft", "proxy_pm", "golden_policy")
+  # Every policy run is evaluated at each of its checkpoints: 2 per run.
+  not_policies = ("data", "golden_pm", "relabel", "sft", "proxy_pm", "gates", "golden_policy")
   policy_runs = [s for s in stages if s not in not_policies and not s.startswith("pairs_")]
-  assert len(policy_runs) == 11, policy_runs
+  assert len(policy_runs) == 14, policy_runs
+  described = json.loads((study_dir / "eval" / study.RUNS_FILE).read_text())
+  assert sorted(described) == sorted(policy_runs)
   for run in policy_runs:
     rows = [json.loads(line) for line in
             (study_dir / "eval" / run / "eval.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in rows) == [0, 5, 10], run
+    last = described[run]["steps"]
+    assert sorted(r["step"] for r in rows) == [0, last // 2, last], run
     for row in rows:
       assert row["kl"] >= 0 and 0 <= row["win_rate"] <= 1, (run, row)
+      assert 0 <= row["oracle_win_rate"] <= 1 and 0 <= row["golden_oracle_agreement"] <= 1
 
-  report = study_dir / "report"
-  for name in ("frontier_mini.png", "accuracy_mini.png", "drift_mini.png"):
-    assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-  table = (report / "report.md").read_text()
-  for run in ("online", "offline_lr0.0001_beta0.1_steps10", "bo2_online"):
-    assert run in table
+  # The training seed is its own knob: the two online runs share the world (data,
+  # PMs, SFT, golden policy, evaluation prompts) but not their training randomness.
+  assert {described[SEED0]["seed"], described[SEED1]["seed"]} == {0, 1}
+  rows = _eval_rows(study_dir)
+  assert rows[SEED0][0] == rows[SEED1][0]  # the SFT row: same world, same evaluation draws
+  assert rows[SEED0][1:] != rows[SEED1][1:]
+  streams = [np.concatenate([b["chosen"] for _, b in writers.read_stream(
+      str(study_dir / name / "stream"))]) for name in (SEED0, SEED1)]
+  assert not np.array_equal(*streams)
+
+  report_dir = study_dir / "report"
+  for name in ("frontier_mini.png", "accuracy_mini.png", "drift_mini.png",
+               "fig1_online_offline.png", "fig4_tandem.png", "fig9_best_of_2.png",
+               "fig6_online_pairs.png"):
+    assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+  table = (report_dir / "report.md").read_text()
+  for text in (SEED0, "bo2_online", "## Protocol", "## Gates", "## The paper's claims",
+               "Offline IPO on the unshuffled D_online reproduces online (App. F)"):
+    assert text in table, text
+  summary = json.loads((report_dir / "summary.json").read_text())
+  sanity = [c for c in summary["claims"] if c["key"] == "sanity_replay"]
+  assert sanity == [dict(sanity[0], value=0.0, verdict="reproduced")]
 
   # A second run finds every stage done and retrains nothing.
-  assert _main(args) == 0
+  assert _main(_quick(study_dir)) == 0
   again = capsys.readouterr().out
   assert "running in" not in again
   assert again.count("done, skipped") >= len(stages)
   assert out.count("finished in") >= len(stages)
+
+
+@pytest.mark.slow
+def test_two_quick_studies_give_the_same_report(quick_study, tmp_path, monkeypatch, capsys):
+  first, _, cache = quick_study
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)  # compiled once, by the first study
+  second = tmp_path / "second"
+  assert _main(_quick(second)) == 0
+  capsys.readouterr()
+  assert (first / "report" / "summary.json").read_bytes() == (
+      second / "report" / "summary.json").read_bytes()
+  assert _eval_rows(first) == _eval_rows(second)
 
 
 # The quick study cut down further: 64 pairs, 2-step golden and proxy PMs.
@@ -162,7 +233,7 @@ def test_study_on_a_pooled_sft_run_trains_no_sft_and_uses_that_run(relabelled, t
       {os.path.basename(os.path.dirname(kw["output_data"])): kw["policy_a"]}))
   monkeypatch.setattr(evaluate, "evaluate_stage", lambda **kw: eval_sfts.update(
       {os.path.basename(kw["output_dir"]): kw["sft_checkpoint"]}))
-  monkeypatch.setattr(report, "study_report", lambda **kw: None)
+  monkeypatch.setattr(study_report, "write", lambda **kw: None)
   assert _main(args) == 0
   out = capsys.readouterr().out
 
@@ -171,8 +242,8 @@ def test_study_on_a_pooled_sft_run_trains_no_sft_and_uses_that_run(relabelled, t
   assert not (study_dir / "sft").exists()
   assert proxy_inits == [sft_run]
   assert (study_dir / "proxy_pm" / "best_checkpoint.json").exists()
-  assert len(align_sfts) == 12 and set(align_sfts.values()) == {sft_run}, align_sfts
-  assert len(eval_sfts) == 11 and set(eval_sfts.values()) == {sft_run}, eval_sfts
+  assert len(align_sfts) == 15 and set(align_sfts.values()) == {sft_run}, align_sfts
+  assert len(eval_sfts) == 14 and set(eval_sfts.values()) == {sft_run}, eval_sfts
   assert pairs["pairs_sft_vs_5"] == sft_run
   recorded = json.loads((study_dir / study.SFT_SOURCE_FILE).read_text())
   assert recorded == {"sft": os.path.abspath(sft_run)}

@@ -266,6 +266,15 @@ def main(argv: Sequence[str]) -> int:
   if args.eval_dir:
     if not args.task:
       parser.error("--eval_dir needs --task")
+    if not runs and os.path.exists(os.path.join(args.eval_dir, "runs.json")):
+      # A study's eval directory: the full study report (claims, intervals, panels).
+      from t5align.eval import study_report  # pylint: disable=g-import-not-at-top
+      paths = study_report.write(eval_dir=args.eval_dir, output_dir=args.output_dir,
+                                 task=args.task,
+                                 gates_dir=os.path.join(os.path.dirname(
+                                     os.path.abspath(args.eval_dir)), "gates"))
+      print(f"report: {paths['report']}")
+      return 0
     runs += _study_runs(args.eval_dir, args.task)
   if not runs:
     parser.error("give runs (TASK/METHOD/RUN=EVAL_JSONL) or --eval_dir with --task")

@@ -274,3 +274,23 @@ def test_no_stage_reads_the_oracle():
     text = path.read_text()
     offenders += [f"t5align/{relative}: {name}" for name in names if name in text]
   assert not offenders, f"the mini-world oracle is for D_initial and reports only: {offenders}"
+
+
+def test_rambling_writers_repeat_words_and_leave_other_worlds_unchanged():
+  plain = mini_world.MiniWorld(mini_world.MiniWorldConfig(num_train=400, num_validation=10))
+  zero = mini_world.MiniWorld(mini_world.MiniWorldConfig(num_train=400, num_validation=10,
+                                                         rambling_rate=0.0))
+  assert plain.d_initial("train") == zero.d_initial("train")  # no draw is made at rate 0
+  rambling = mini_world.MiniWorld(mini_world.MiniWorldConfig(num_train=400, num_validation=10,
+                                                             rambling_rate=0.5, max_rambling=4))
+
+  def repetitions(world):
+    return np.array([mini_world.oracle_features(e.prompt, r).repetitions
+                     for e in world.d_initial("train") for r in (e.response_a, e.response_b)])
+
+  before, after = repetitions(plain), repetitions(rambling)
+  # Half the responses gain 1..4 repeats (mean 2.5): about 1.25 more per response.
+  assert 0.9 < after.mean() - before.mean() < 1.6
+  assert (after >= 3).mean() > 0.1 and (before >= 3).mean() < 0.02
+  with pytest.raises(ValueError, match="rambling_rate"):
+    mini_world.MiniWorldConfig(rambling_rate=1.5)

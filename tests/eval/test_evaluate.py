@@ -384,3 +384,37 @@ def test_evaluate_stage_reads_run_files(tmp_path):
       os.path.join(runs["online"], "stream"))])
   assert prompts.shape == (5, 64) and len({p.tobytes() for p in prompts}) == 5
   assert all(any(np.array_equal(p, r) for r in recorded) for p in prompts)
+
+  # Online pairs are classified against the golden PM's labels (Fig. 6), not the
+  # stream's own (proxy) labels, which are kept as proxy_label.
+  from t5align.data import vocab as vocab_lib
+  fmt = stages.pair_format(vocab_lib.get_vocabulary(None), lengths)
+  golden_pm = checkpoints.load_params(os.path.join(runs["golden_pm"], "checkpoints"), 5)
+
+  def golden_decisions(prompt, first, second):
+    margin = preference.symmetric_preference(golden_pm, config, fmt, jnp.asarray(prompt),
+                                             jnp.asarray(first), jnp.asarray(second),
+                                             lengths.pm_input_length)["margin"]
+    return np.where(np.asarray(margin) > 0, 1.0, np.where(np.asarray(margin) < 0, 0.0, 0.5))
+
+  with np.load(os.path.join(output_dir, evaluate.ONLINE_PAIRS_FILE)) as kept:
+    kept = dict(kept)
+  expected = golden_decisions(kept["prompt"], kept["chosen"], kept["rejected"])
+  np.testing.assert_array_equal(kept["label"], expected)
+  np.testing.assert_array_equal(kept["proxy_label"], np.ones(5))
+  # The proxy said "chosen" every time: it agrees with the golden PM where the label is 1.
+  assert rows[1]["online_proxy_golden_agreement"] == pytest.approx(float(np.mean(expected)))
+  # Along the stream: one bin per recorded step here (3 < STREAM_BINS), each of 5 pairs
+  # taken from consecutive batches, scored against independent golden decisions.
+  with open(os.path.join(output_dir, evaluate.STREAM_AGREEMENT_FILE)) as f:
+    bins = json.load(f)["bins"]
+  batches = [b for _, b in writers.read_stream(os.path.join(runs["online"], "stream"))]
+  assert [b["step"] for b in bins] == [0, 1, 2]
+  for entry in bins:
+    start = entry["step"]
+    pairs = {k: np.concatenate([b[k] for b in batches[start:]])[:5]
+             for k in ("prompt", "chosen", "rejected")}
+    values = golden_decisions(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+    assert entry["num_pairs"] == len(values)
+    np.testing.assert_array_equal(entry["agreement_values"], values)
+    assert entry["proxy_golden_agreement"] == pytest.approx(float(np.mean(values)))

@@ -129,6 +129,8 @@ def test_study_report_and_command_line(tmp_path):
   (eval_dir / "not_evaluated").mkdir()
   assert report.study_method("offline_lr1e-05_beta0.1_steps4000") == "offline"
   assert report.study_method("bo2_online") == "bo2_online"
+  assert report.study_method("online_lr0.0001_beta0.1_seed2") == "online"
+  assert report.study_method("tandem_lr3e-05_beta0.1_seed0") == "tandem"
   paths = report.study_report(eval_dir=eval_dir, output_dir=tmp_path / "report", task="mini")
   text = open(paths["report"]).read()
   assert "| offline | offline_lr1e-05_beta0.1_steps4000 | 1 | 0.300 |" in text
