@@ -28,10 +28,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def leaves_nothing_in_the_temp_dir():
   """Fails the session if a test, or the code under test, leaves files in the temp dir.
 
-  pytest's own ``tmp_path`` directories (``pytest-of-<user>``) are expected.
+  pytest's own ``tmp_path`` directories (``pytest-of-<user>``) are expected, and so
+  are the caches libraries keep for the life of the process and remove at exit:
+  TensorFlow autograph's generated sources and torch inductor's cache (the
+  directory itself is removed below either way).
   """
   yield
-  left = sorted(n for n in os.listdir(SUITE_TMP) if not n.startswith("pytest-of-"))
+  library_caches = ("pytest-of-", "__autograph_generated_file", "torchinductor_")
+  left = sorted(n for n in os.listdir(SUITE_TMP) if not n.startswith(library_caches))
   assert not left, f"left in the temp dir {SUITE_TMP}: {left}"
   shutil.rmtree(SUITE_TMP, ignore_errors=True)
 
