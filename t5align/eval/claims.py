@@ -55,8 +55,11 @@ def load_study(eval_dir: str) -> tuple[list[st.Run], dict]:
     if os.path.exists(agreement_path):
       with open(agreement_path) as f:
         bins = json.load(f)["bins"]
-      if bins and len({len(b["agreement_values"]) for b in bins}) == 1:
-        arrays["stream_agreement"] = np.asarray([b["agreement_values"] for b in bins])
+      if bins:
+        # The last bin starts at the last batch and may hold fewer pairs: every bin
+        # keeps its first `size` pairs, so one resample of pair indices fits all.
+        size = min(len(b["agreement_values"]) for b in bins)
+        arrays["stream_agreement"] = np.asarray([b["agreement_values"][:size] for b in bins])
     runs.append(st.Run(name=name, method=info["method"], seed=int(info["seed"]),
                        steps=np.asarray([r["step"] for r in rows]), arrays=arrays))
   return runs, described
