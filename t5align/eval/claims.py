@@ -238,13 +238,7 @@ def claims(methods: set, *, oracle: bool) -> list[Claim]:
 def evaluate_claims(runs: list[st.Run], described: dict, *, oracle: bool,
                     num_resamples: int = 1000, seed: int = 0) -> list[dict]:
   """Every covered claim's statistic, 95% interval and verdict, in order."""
-  runs = list(runs)
-  replayed = [r for r in runs if described[r.name].get("method") == "sanity_replay"]
-  # The variants (windows) replay one online run: compare them with that run.
-  if replayed:
-    source = [r for r in runs if r.method == "online" and _is_replayed(described, r.name,
-                                                                        replayed[0].name)]
-    runs += [dataclasses.replace(r, method="online_replayed") for r in source]
+  runs = with_replayed_source(runs, described)
   methods = {r.method for r in runs}
   rows = []
   for claim in claims(methods, oracle=oracle):
@@ -265,6 +259,20 @@ def evaluate_claims(runs: list[st.Run], described: dict, *, oracle: bool,
   if exact is not None:
     rows.insert(7, exact)
   return rows
+
+
+def with_replayed_source(runs, described) -> list[st.Run]:
+  """``runs`` plus, as method ``online_replayed``, the online run the variants replay.
+
+  The variants (sanity replay, windows) replay one online run (the baseline of
+  the first seed); comparisons with them use that run.
+  """
+  runs = list(runs)
+  replayed = [r for r in runs if described[r.name].get("method") == "sanity_replay"]
+  if replayed:
+    runs += [dataclasses.replace(r, method="online_replayed") for r in runs
+             if r.method == "online" and _is_replayed(described, r.name, replayed[0].name)]
+  return runs
 
 
 def _is_replayed(described, online_name, replay_name) -> bool:

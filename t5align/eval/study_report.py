@@ -222,12 +222,7 @@ def write(*, eval_dir: str, output_dir: str, task: str, gates_dir: Optional[str]
       runs=[(task, described[name]["method"], name, os.path.join(eval_dir, name, "eval.jsonl"))
             for name in sorted(described)], output_dir=output_dir, title=f"t5align study: {task}")
   # The per-panel methods: the replayed online run is drawn under its own label.
-  panel_runs = list(runs)
-  replayed = {r.name for r in runs if r.method == "sanity_replay"}
-  if replayed:
-    source = [r for r in runs if r.method == "online" and claims_lib._is_replayed(  # pylint: disable=protected-access
-        described, r.name, next(iter(replayed)))]
-    panel_runs += [st.Run(r.name, "online_replayed", r.seed, r.steps, r.arrays) for r in source]
+  panel_runs = claims_lib.with_replayed_source(runs, described)
   methods = {r.method for r in panel_runs}
   styles = report_lib._styles(sorted(methods | {"online_replayed"}))  # pylint: disable=protected-access
   styles["online_replayed"] = report_lib._KNOWN_STYLES["online"]  # pylint: disable=protected-access
